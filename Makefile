@@ -1,0 +1,53 @@
+# LANCET. `make test` and `make demo` set everything up from nothing (a .venv in this folder).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lancet-installed
+# The CPU build on purpose: an unpinned torch pulls a multi-GB CUDA build. GPU users: TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+# Test-only: kronfluence is the independent EK-FAC reference. Its declared deps pull a CUDA torch,
+# so it goes in without them, with the few it needs.
+KRONFLUENCE_SPEC ?= kronfluence==1.0.1 einconv==0.1.0 opt_einsum accelerate
+export RAY_AUTH_MODE ?= disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test test-fast bench bench-quick lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(KRONFLUENCE_SPEC)
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install LANCET into it
+
+demo: $(STAMP)  ## run the embedded demo end to end (python -m pipeline)
+	$(PY) -m pipeline
+
+test: $(STAMP)  ## the whole suite CI can afford: fast math, real Ray/DeepSpeed/MLflow/Hydra, end to end
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: $(STAMP)  ## only the float64 math tests (no Ray)
+	$(PY) -m pytest tests -m "not ray and not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)  ## benchmarks; writes bench/RESULTS.md
+	$(PY) -m bench.run
+
+bench-quick: $(STAMP)  ## a quick pass of the benchmarks
+	$(PY) -m bench.run --quick
+
+lint: $(STAMP)  ## ruff and the import contracts (operators/ imports no Ray, MLflow, Hydra, ...)
+	$(VENV)/bin/ruff check operators cluster pipeline tests
+	$(VENV)/bin/lint-imports
+
+clean:  ## remove run outputs (keeps .venv)
+	rm -rf outputs multirun mlruns .pytest_cache

@@ -1,0 +1,140 @@
+"""Fitting the curvature over batches: the two passes every Kronecker method shares.
+
+Pass 1 accumulates factor sums (``A``, ``S``); after merging and ``eigh``, pass 2 accumulates the
+sequence-level eigenvalue correction. Both take labels sampled from the model (the Fisher, the
+Gauss-Newton Hessian of softmax cross-entropy) unless ``fisher="empirical"``. A distributed caller
+runs each pass on its shard and sums the returned dicts (see ``factors.merge``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from operators.capture import Capture, eval_mode, unit_gradients
+from operators.factors import (DampingConfig, Eigen, FactorDict, covariance_stats, damping_value,
+                               eigendecompose, eigenvalues, ihvp, lambda_stats, merge)
+from operators.sequences import sequence_losses
+from operators.units import Unit
+
+FISHER_KINDS = ("sampled", "empirical")
+
+
+@contextmanager
+def activation_gradients(model: nn.Module) -> Iterator[None]:
+    """Backward reaches every unit's output but computes no parameter gradient.
+
+    Parameters are frozen for the pass and the input embeddings' output is made to require a
+    gradient: hooks see the same Ds at half the cost and no ``.grad`` is left behind.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(False)
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, args, out: out.requires_grad_(True))
+    try:
+        yield
+    finally:
+        handle.remove()
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def capture_pass(model: nn.Module, units: list[Unit], batch: dict[str, Tensor], *,
+                 sampled: bool, generator: torch.Generator | None = None) -> Capture:
+    """One forward + backward of the summed sequence losses with hooks on ``units``."""
+    with eval_mode(model), activation_gradients(model), Capture(units) as cap:
+        losses = sequence_losses(model, batch, sampled=sampled, generator=generator)
+        losses.sum().backward()
+    return cap
+
+
+def batch_gradients(model: nn.Module, units: list[Unit], batch: dict[str, Tensor], *,
+                    sampled: bool = False, generator: torch.Generator | None = None
+                    ) -> dict[str, Tensor]:
+    """Per-sequence unit gradients of −log p(y|x): name -> ``[B, d_out, d_in (+1)]``."""
+    cap = capture_pass(model, units, batch, sampled=sampled, generator=generator)
+    return unit_gradients(cap, units, batch["attention_mask"])
+
+
+def covariance_pass(model: nn.Module, units: list[Unit], batches: Iterable[dict[str, Tensor]],
+                    fisher: str = "sampled", seed: int = 0) -> FactorDict | None:
+    """Σ κκᵀ, Σ Ds Dsᵀ and token counts over ``batches`` (None if there were none)."""
+    generator = torch.Generator().manual_seed(seed)
+    total = None
+    for batch in batches:
+        cap = capture_pass(model, units, batch, sampled=fisher == "sampled", generator=generator)
+        mask = batch["attention_mask"]
+        for unit in units:
+            part = covariance_stats(cap.kappa(unit, mask), cap.output_grad(unit, mask),
+                                    unit.name, mask)
+            total = merge(total, part)
+    return total
+
+
+def lambda_pass(model: nn.Module, units: list[Unit], eigens: dict[str, Eigen],
+                batches: Iterable[dict[str, Tensor]], fisher: str = "sampled", seed: int = 1
+                ) -> FactorDict | None:
+    """Σ_sequences (Q_Sᵀ DŴ Q_A)² and sequence counts over ``batches``."""
+    generator = torch.Generator().manual_seed(seed)
+    total = None
+    for batch in batches:
+        grads = batch_gradients(model, units, batch, sampled=fisher == "sampled",
+                                generator=generator)
+        for unit in units:
+            total = merge(total, lambda_stats(grads[unit.name], unit.name, eigens[unit.name]))
+    return total
+
+
+@dataclass
+class Curvature:
+    """Everything the IHVP needs, per unit: eigenbases, eigenvalues Λ and damping λ."""
+
+    eigens: dict[str, Eigen]
+    lambdas: dict[str, Tensor]
+    dampings: dict[str, float]
+
+    @classmethod
+    def build(cls, eigens: dict[str, Eigen], lam_stats: FactorDict | None, corrected: bool,
+              damping: DampingConfig) -> "Curvature":
+        lambdas = eigenvalues(lam_stats, eigens, corrected)
+        return cls(eigens, lambdas, {n: damping_value(v, damping) for n, v in lambdas.items()})
+
+    def ihvp(self, grads: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Apply ``(G + λI)⁻¹`` unit by unit to ``grads`` name -> ``[..., o, i]``."""
+        return {name: ihvp(g, self.eigens[name], self.lambdas[name], self.dampings[name])
+                for name, g in grads.items()}
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        """Flat dict for safetensors."""
+        out: dict[str, Tensor] = {}
+        for name, eig in self.eigens.items():
+            out.update({f"{name}/qa": eig.qa, f"{name}/a": eig.a, f"{name}/qs": eig.qs,
+                        f"{name}/s": eig.s, f"{name}/lambda": self.lambdas[name],
+                        f"{name}/damping": torch.tensor([self.dampings[name]],
+                                                        dtype=torch.float64)})
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], names: list[str]) -> "Curvature":
+        eigens = {n: Eigen(tensors[f"{n}/qa"], tensors[f"{n}/a"], tensors[f"{n}/qs"],
+                           tensors[f"{n}/s"]) for n in names}
+        lambdas = {n: tensors[f"{n}/lambda"] for n in names}
+        dampings = {n: float(tensors[f"{n}/damping"][0]) for n in names}
+        return cls(eigens, lambdas, dampings)
+
+
+def fit_curvature(model: nn.Module, units: list[Unit], batches: list[dict[str, Tensor]],
+                  corrected: bool = True, fisher: str = "sampled",
+                  damping: DampingConfig = DampingConfig(), seed: int = 0) -> Curvature:
+    """Single-process fit: both passes over an in-memory list of batches."""
+    if fisher not in FISHER_KINDS:
+        raise ValueError(f"influence.fisher={fisher!r}: expected one of {FISHER_KINDS}")
+    stats = covariance_pass(model, units, batches, fisher, seed)
+    eigens = eigendecompose(stats, units)
+    lam = lambda_pass(model, units, eigens, batches, fisher, seed + 1) if corrected else None
+    return Curvature.build(eigens, lam, corrected, damping)

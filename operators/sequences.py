@@ -1,0 +1,106 @@
+"""Sequences: (prompt, response) → token ids and masks; padded batches; sequence log-probs.
+
+A sample z = (x, y) is encoded as ``x`` tokens then ``y`` tokens then EOS. ``loss_mask[t] = 1``
+marks the tokens the loss is taken on (the response and its EOS by default); they are predicted
+from position ``t - 1``. Batches are right-padded, so real positions never see padding under a
+causal mask and every score is independent of the batch it was computed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+class SequenceTooLongError(ValueError):
+    """A sample does not fit the model's context and truncation is off."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenized sample."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    prompt_len: int
+    truncated: bool
+
+
+def encode(tokenizer, prompt: str, response: str, max_length: int, *,
+           train_on_prompt: bool = False, truncate: bool = True) -> Encoded:
+    """Tokenize one sample; cut the response's end if it exceeds ``max_length`` (or refuse)."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    ids = prompt_ids + response_ids
+    truncated = len(ids) > max_length
+    if truncated and not truncate:
+        raise SequenceTooLongError(
+            f"{len(ids)} tokens exceed the context of {max_length}")
+    if truncated and len(prompt_ids) >= max_length:
+        prompt_ids = prompt_ids[-(max_length - 1):]  # keep the prompt's end and 1 response token
+    ids = (prompt_ids + response_ids)[:max_length]
+    mask = [int(train_on_prompt)] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
+    mask[0] = 0  # the first token is never predicted
+    return Encoded(ids, mask, len(prompt_ids), truncated)
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad a list of encoded samples into a batch.
+
+    Returns:
+        ``input_ids``, ``attention_mask``, ``loss_mask``: ``[B, T]`` int64;
+        ``prompt_last``: ``[B]`` index of each sample's last prompt token.
+    """
+    length = max(len(item.input_ids) for item in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(items), length), dtype=torch.long)
+    loss = torch.zeros((len(items), length), dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        ids[row, :n] = torch.tensor(item.input_ids)
+        attention[row, :n] = 1
+        loss[row, :n] = torch.tensor(item.loss_mask)
+    prompt_last = torch.tensor([max(item.prompt_len - 1, 0) for item in items])
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss,
+            "prompt_last": prompt_last}
+
+
+def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """log p(token_t | tokens_<t) for t ≥ 1, aligned to positions: ``[B, T]`` (column 0 is 0)."""
+    logp = torch.log_softmax(logits[:, :-1].float() if logits.dtype == torch.float16
+                             else logits[:, :-1], dim=-1)
+    picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return F.pad(picked, (1, 0))
+
+
+def sequence_log_probs(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
+    """log p(y | x) summed over the masked tokens: ``[B]``."""
+    return (token_log_probs(logits, input_ids) * loss_mask.to(logits.dtype)).sum(dim=1)
+
+
+def sample_labels(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Labels drawn from the model's own predictive distribution (true Fisher): ``[B, T]``.
+
+    Position t holds a token sampled from p(· | tokens_<t); column 0 is unused.
+    """
+    probs = torch.softmax(logits[:, :-1].detach().double(), dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    drawn = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:2])
+    return F.pad(drawn, (1, 0))
+
+
+def sequence_losses(model, batch: dict[str, Tensor], *, sampled: bool = False,
+                    generator: torch.Generator | None = None) -> Tensor:
+    """Per-sequence −log p over the loss mask, with data labels or labels sampled from the model.
+
+    Returns:
+        ``[B]`` losses; their sum's gradient holds every sequence's gradient separately.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = sample_labels(logits, generator) if sampled else batch["input_ids"]
+    return -sequence_log_probs(logits, labels, batch["loss_mask"])
