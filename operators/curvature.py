@@ -69,10 +69,11 @@ def covariance_pass(model: nn.Module, units: list[Unit], batches: Iterable[dict[
     for batch in batches:
         cap = capture_pass(model, units, batch, sampled=fisher == "sampled", generator=generator)
         mask = batch["attention_mask"]
+        part: FactorDict = {}
         for unit in units:
-            part = covariance_stats(cap.kappa(unit, mask), cap.output_grad(unit, mask),
-                                    unit.name, mask)
-            total = merge(total, part)
+            part.update(covariance_stats(cap.kappa(unit, mask), cap.output_grad(unit, mask),
+                                         unit.name, mask))
+        total = merge(total, part)
     return total
 
 
@@ -85,8 +86,10 @@ def lambda_pass(model: nn.Module, units: list[Unit], eigens: dict[str, Eigen],
     for batch in batches:
         grads = batch_gradients(model, units, batch, sampled=fisher == "sampled",
                                 generator=generator)
+        part: FactorDict = {}
         for unit in units:
-            total = merge(total, lambda_stats(grads[unit.name], unit.name, eigens[unit.name]))
+            part.update(lambda_stats(grads[unit.name], unit.name, eigens[unit.name]))
+        total = merge(total, part)
     return total
 
 
