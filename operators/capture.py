@@ -10,8 +10,8 @@ unit gradients ``DŴ_b = Σ_t Ds_{b,t} κ_{b,t}ᵀ`` of shape ``[B, d_out, d_in 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ class Capture:
         self.records = {unit.name: UnitRecord() for unit in units}
         self._handles: list = []
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         for unit in self.units:
             record = self.records[unit.name]
             self._handles.append(unit.input_module.register_forward_pre_hook(

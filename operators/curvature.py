@@ -8,16 +8,26 @@ runs each pass on its shard and sums the returned dicts (see ``factors.merge``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from operators.capture import Capture, eval_mode, unit_gradients
-from operators.factors import (DampingConfig, Eigen, FactorDict, covariance_stats, damping_value,
-                               eigendecompose, eigenvalues, ihvp, lambda_stats, merge)
+from operators.factors import (
+    DampingConfig,
+    Eigen,
+    FactorDict,
+    covariance_stats,
+    damping_value,
+    eigendecompose,
+    eigenvalues,
+    ihvp,
+    lambda_stats,
+    merge,
+)
 from operators.sequences import sequence_losses
 from operators.units import Unit
 
@@ -103,7 +113,7 @@ class Curvature:
 
     @classmethod
     def build(cls, eigens: dict[str, Eigen], lam_stats: FactorDict | None, corrected: bool,
-              damping: DampingConfig) -> "Curvature":
+              damping: DampingConfig) -> Curvature:
         lambdas = eigenvalues(lam_stats, eigens, corrected)
         return cls(eigens, lambdas, {n: damping_value(v, damping) for n, v in lambdas.items()})
 
@@ -123,7 +133,7 @@ class Curvature:
         return {k: v.contiguous() for k, v in out.items()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], names: list[str]) -> "Curvature":
+    def from_tensors(cls, tensors: dict[str, Tensor], names: list[str]) -> Curvature:
         eigens = {n: Eigen(tensors[f"{n}/qa"], tensors[f"{n}/a"], tensors[f"{n}/qs"],
                            tensors[f"{n}/s"]) for n in names}
         lambdas = {n: tensors[f"{n}/lambda"] for n in names}

@@ -14,8 +14,8 @@ positive = up-weighting the sample raises the likelihood of the undesirable resp
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import torch
 from torch import Tensor, nn

@@ -5,7 +5,6 @@ with G the exact Gauss-Newton Hessian of the summed token cross-entropy (the exp
 λ = 0.1 · mean eigenvalue, the same relative rule the approximations use per unit.
 """
 
-import pytest
 import torch
 from tiny_models import conv1d_to_linear, random_batch, tiny_model
 from torch.func import functional_call, jacrev

@@ -5,7 +5,7 @@ import torch
 from tiny_models import random_batch, slice_batch, tiny_model
 
 from operators.curvature import covariance_pass, fit_curvature
-from operators.factors import DampingConfig, Eigen, damping_value, eigendecompose, ihvp, merge
+from operators.factors import DampingConfig, Eigen, damping_value, ihvp, merge
 from operators.units import discover_units
 
 

@@ -5,8 +5,14 @@ import torch
 from tiny_models import random_batch, slice_batch, tiny_model
 
 from operators.curvature import fit_curvature
-from operators.scores import (METHODS, InfluenceConfig, aggregate, precondition_queries,
-                              query_batches, score_batch)
+from operators.scores import (
+    METHODS,
+    InfluenceConfig,
+    aggregate,
+    precondition_queries,
+    query_batches,
+    score_batch,
+)
 from operators.units import discover_units
 
 

@@ -1,6 +1,6 @@
 import pytest
-from torch import nn
 from tiny_models import FAMILIES, tiny_model
+from torch import nn
 
 from operators.units import UnsupportedModelError, discover_units
 

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import torch
-from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig,
-                          MistralConfig, OPTConfig, Qwen2Config)
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
 
 VOCAB = 40
 
