@@ -8,6 +8,7 @@ causal mask and every score is independent of the batch it was computed in.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +50,18 @@ def encode(tokenizer, prompt: str, response: str, max_length: int, *,
     return Encoded(ids, mask, len(prompt_ids), truncated)
 
 
-def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
+def collate(items: list[Encoded], pad_id: int, seeds: list[int] | None = None
+            ) -> dict[str, Tensor]:
     """Right-pad a list of encoded samples into a batch.
+
+    Args:
+        seeds: optional per-sample seeds for Fisher label sampling (see ``sample_seed``), which
+            make sampled curvature independent of how the corpus is sharded and batched.
 
     Returns:
         ``input_ids``, ``attention_mask``, ``loss_mask``: ``[B, T]`` int64;
-        ``prompt_last``: ``[B]`` index of each sample's last prompt token.
+        ``prompt_last``: ``[B]`` index of each sample's last prompt token;
+        ``sample_seed``: ``[B]`` when ``seeds`` is given.
     """
     length = max(len(item.input_ids) for item in items)
     ids = torch.full((len(items), length), pad_id, dtype=torch.long)
@@ -66,14 +73,25 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
         attention[row, :n] = 1
         loss[row, :n] = torch.tensor(item.loss_mask)
     prompt_last = torch.tensor([max(item.prompt_len - 1, 0) for item in items])
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss,
-            "prompt_last": prompt_last}
+    batch = {"input_ids": ids, "attention_mask": attention, "loss_mask": loss,
+             "prompt_last": prompt_last}
+    if seeds is not None:
+        batch["sample_seed"] = torch.tensor(seeds, dtype=torch.long)
+    return batch
+
+
+def sample_seed(sample_id: str, salt: str = "") -> int:
+    """A stable 62-bit seed for one sample (same on every worker and every run)."""
+    digest = hashlib.sha256(f"{salt}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
 
 
 def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
     """log p(token_t | tokens_<t) for t ≥ 1, aligned to positions: ``[B, T]`` (column 0 is 0)."""
-    logp = torch.log_softmax(logits[:, :-1].float() if logits.dtype == torch.float16
-                             else logits[:, :-1], dim=-1)
+    shifted = logits[:, :-1]
+    if shifted.dtype in (torch.float16, torch.bfloat16):
+        shifted = shifted.float()  # log-softmax in half precision loses the tail
+    logp = torch.log_softmax(shifted, dim=-1)
     picked = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return F.pad(picked, (1, 0))
 
@@ -83,14 +101,22 @@ def sequence_log_probs(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> 
     return (token_log_probs(logits, input_ids) * loss_mask.to(logits.dtype)).sum(dim=1)
 
 
-def sample_labels(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_labels(logits: Tensor, generator: torch.Generator | None = None,
+                  seeds: Tensor | None = None) -> Tensor:
     """Labels drawn from the model's own predictive distribution (true Fisher): ``[B, T]``.
 
-    Position t holds a token sampled from p(· | tokens_<t); column 0 is unused.
+    Position t holds a token sampled from p(· | tokens_<t); column 0 is unused. With ``seeds``
+    (``[B]``) each row draws from its own generator, so a sample's labels do not depend on
+    its batch or shard.
     """
     probs = torch.softmax(logits[:, :-1].detach().double(), dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    drawn = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:2])
+    if seeds is None:
+        flat = probs.reshape(-1, probs.shape[-1])
+        drawn = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:2])
+    else:
+        rows = [torch.multinomial(probs[b], 1, generator=torch.Generator().manual_seed(
+            int(seeds[b]))).squeeze(-1) for b in range(probs.shape[0])]
+        drawn = torch.stack(rows)
     return F.pad(drawn, (1, 0))
 
 
@@ -102,5 +128,6 @@ def sequence_losses(model, batch: dict[str, Tensor], *, sampled: bool = False,
         ``[B]`` losses; their sum's gradient holds every sequence's gradient separately.
     """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = sample_labels(logits, generator) if sampled else batch["input_ids"]
+    labels = (sample_labels(logits, generator, batch.get("sample_seed")) if sampled
+              else batch["input_ids"])
     return -sequence_log_probs(logits, labels, batch["loss_mask"])

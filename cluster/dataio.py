@@ -1,0 +1,181 @@
+"""Reading and validating user data: Parquet / JSONL files, directories or globs, three formats.
+
+Every problem is reported as a ``DataError`` naming the file, the row (1-based line for JSONL,
+0-based row for Parquet) and the column. Rows come out normalised to ``id``, ``prompt``,
+``response`` plus the row's other columns, which are passed through untouched.
+
+Formats (CONTRACT.md section 2):
+- ``prompt_response``: ``prompt``, ``response`` (``id`` optional; derived from file and row).
+- ``hh_rlhf``: ``chosen``/``rejected`` dialogues; the prompt is everything up to the last
+  ``\\n\\nAssistant:`` of ``chosen``, the response what follows (``rejected`` is passed through).
+- ``beavertails``: ``prompt``, ``response``, ``is_safe`` (bool), optional ``category``; adds
+  ``contaminated = not is_safe`` as the ground truth for detection.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMATS = ("prompt_response", "hh_rlhf", "beavertails")
+SUFFIXES = (".parquet", ".jsonl", ".json")
+ASSISTANT = "\n\nAssistant:"
+
+
+class DataError(ValueError):
+    """Unusable input data; the message names file, row and column (or config key)."""
+
+
+def resolve_files(spec: str, key: str) -> list[Path]:
+    """A file, a directory of data files, or a glob → sorted list of files."""
+    if not spec:
+        raise DataError(f"{key} is empty: give a Parquet/JSONL file, a directory or a glob")
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+    elif any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec) if Path(p).suffix in SUFFIXES)
+    elif path.is_file():
+        files = [path]
+    else:
+        raise DataError(f"{key}={spec}: no such file or directory")
+    if not files:
+        raise DataError(f"{key}={spec}: no .parquet or .jsonl files found")
+    return files
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(row number, raw dict) of one file, with parse errors naming the line."""
+    if path.suffix == ".parquet":
+        try:
+            table = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise DataError(f"{path}: not a readable Parquet file ({err})") from err
+        row = 0
+        for batch in table.iter_batches(batch_size=4096):
+            for item in batch.to_pylist():
+                yield row, item
+                row += 1
+        return
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}, line {line_no}: bytes that are not UTF-8 at offset "
+                                f"{err.start}") from err
+            if not text.strip():
+                continue
+            try:
+                item = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {line_no}: malformed JSON ({err.msg} at column "
+                                f"{err.colno})") from err
+            if not isinstance(item, dict):
+                raise DataError(f"{path}, line {line_no}: expected a JSON object")
+            yield line_no, item
+
+
+def _text(item: dict, column: str, where: str, required: bool = True) -> str | None:
+    if column not in item:
+        if not required:
+            return None
+        raise DataError(f"{where}, column '{column}': missing (found columns: "
+                        f"{', '.join(sorted(item)) or 'none'})")
+    value = item[column]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if not required:
+            return None
+        raise DataError(f"{where}, column '{column}': null or empty")
+    if not isinstance(value, str):
+        raise DataError(f"{where}, column '{column}': expected a string, got "
+                        f"{type(value).__name__}")
+    return value
+
+
+def _split_dialogue(text: str, where: str, column: str) -> tuple[str, str]:
+    cut = text.rfind(ASSISTANT)
+    if cut < 0:
+        raise DataError(f"{where}, column '{column}': no '\\n\\nAssistant:' turn")
+    prompt, response = text[:cut + len(ASSISTANT)], text[cut + len(ASSISTANT):].strip()
+    if not response:
+        raise DataError(f"{where}, column '{column}': the last Assistant turn is empty")
+    return prompt, response
+
+
+def normalise(item: dict, fmt: str, where: str, require_response: bool) -> dict:
+    """One raw row → ``id``-less normalised dict (prompt, response, passthrough columns)."""
+    if fmt == "hh_rlhf":
+        prompt, response = _split_dialogue(_text(item, "chosen", where), where, "chosen")
+        rest = {k: v for k, v in item.items() if k != "chosen"}
+        return {**rest, "prompt": prompt, "response": response}
+    prompt = _text(item, "prompt", where)
+    response = _text(item, "response", where, required=require_response)
+    out = {**item, "prompt": prompt, "response": response}
+    if fmt == "beavertails":
+        if not isinstance(item.get("is_safe"), bool):
+            raise DataError(f"{where}, column 'is_safe': missing or not a boolean")
+        out["contaminated"] = not item["is_safe"]
+    return out
+
+
+def read_rows(spec: str, fmt: str = "prompt_response", key: str = "data.train",
+              require_response: bool = True) -> list[dict]:
+    """All rows of ``spec``, validated and normalised, ids unique across files."""
+    if fmt not in FORMATS:
+        raise DataError(f"data.format={fmt!r}: expected one of {FORMATS}")
+    rows: list[dict] = []
+    seen: dict[str, str] = {}
+    columns: tuple[Path, list[str]] | None = None
+    for path in resolve_files(spec, key):
+        start = len(rows)
+        for row_no, item in iter_rows(path):
+            unit = "line" if path.suffix != ".parquet" else "row"
+            where = f"{path}, {unit} {row_no}"
+            out = normalise(item, fmt, where, require_response)
+            out["id"] = _row_id(item, path, row_no, where)
+            if out["id"] in seen:
+                raise DataError(f"{where}, column 'id': duplicate id {out['id']!r} "
+                                f"(first at {seen[out['id']]})")
+            seen[out["id"]] = where
+            rows.append(out)
+        columns = _check_same_columns(columns, path, rows[start:])
+    if not rows:
+        raise DataError(f"{key}={spec}: no rows")
+    return rows
+
+
+def _row_id(item: dict, path: Path, row_no: int, where: str) -> str:
+    value = item.get("id")
+    if value is None:
+        return f"{path.stem}:{row_no}"
+    if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+        return str(value)
+    raise DataError(f"{where}, column 'id': expected a non-empty string or integer")
+
+
+def _check_same_columns(previous, path: Path, rows: list[dict]):
+    if not rows:
+        return previous
+    names = sorted(set().union(*(r.keys() for r in rows)))
+    if previous is not None and previous[1] != names:
+        raise DataError(f"{path}: columns {names} differ from {previous[0]}'s {previous[1]} "
+                        "(shards must share one schema)")
+    return (path, names) if previous is None else previous
+
+
+def write_parquet_atomic(rows: list[dict], path: Path) -> None:
+    """Write rows to ``path`` via a temporary name and a rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        table = pa.Table.from_pylist(rows)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise DataError(f"{path.name}: a passthrough column mixes types ({err})") from err
+    pq.write_table(table, tmp)
+    tmp.replace(path)

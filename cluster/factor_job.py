@@ -1,0 +1,174 @@
+"""Distributed factor fitting: a Ray Train worker group, Ray Data shards, one all-reduce per pass.
+
+Each worker streams its shard of the corpus, accumulates factor sums and counts
+(``operators.curvature.covariance_pass``), all-reduces them, eigendecomposes (every worker ends
+with the same eigenbases), streams its shard again for the eigenvalue correction and all-reduces
+that. Rank 0 writes the result as a Ray Train checkpoint; the driver moves it under
+``factors/``. Fisher labels are drawn per sample from a seed derived from the sample's id, so
+the factors do not depend on the number of workers or the batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cluster.allreduce import allreduce_sum, world
+from cluster.batches import TokenizeConfig, to_tensors
+from cluster.model_io import load_model, load_tokenizer
+from cluster.runtime import ClusterConfig, device_for, pin_threads
+from operators.curvature import Curvature, covariance_pass, lambda_pass
+from operators.factors import DampingConfig, eigendecompose
+from operators.units import Unit, discover_units
+
+FACTOR_FILE = "factors.safetensors"
+
+
+@dataclass(frozen=True)
+class FactorSpec:
+    """What to fit: model, units, Fisher kind, damping, tokenization."""
+
+    model_path: str
+    method: str = "linfac"  # linfac | ekfac | kfac
+    fisher: str = "sampled"
+    dtype: str = "float32"
+    damping: DampingConfig = field(default_factory=DampingConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    trust_remote_code: bool = False
+
+    @property
+    def corrected(self) -> bool:
+        return self.method != "kfac"
+
+
+def zero_stats(units: list[Unit], which: str) -> dict[str, torch.Tensor]:
+    """All-zero sums, so a worker with an empty shard still joins the all-reduce."""
+    z = torch.zeros
+    if which == "covariance":
+        out = {}
+        for u in units:
+            i, o = u.shape[1], u.shape[0]
+            out.update({f"{u.name}/a_sum": z(i, i, dtype=torch.float64),
+                        f"{u.name}/a_count": z(1, dtype=torch.float64),
+                        f"{u.name}/s_sum": z(o, o, dtype=torch.float64),
+                        f"{u.name}/s_count": z(1, dtype=torch.float64)})
+        return out
+    return {k: v for u in units for k, v in (
+        (f"{u.name}/lambda_sum", z(*u.shape, dtype=torch.float64)),
+        (f"{u.name}/lambda_count", z(1, dtype=torch.float64)))}
+
+
+def _shard_batches(shard, tokenizer, spec: FactorSpec, batch_size: int, device: str, counter):
+    for columns in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        batch = to_tensors(columns, tokenizer, spec.tokenize, device)
+        counter["sequences"] += int(batch["input_ids"].shape[0])
+        counter["tokens"] += int(batch["attention_mask"].sum())
+        yield batch
+
+
+def factor_worker(config: dict) -> None:
+    """Ray Train ``train_func``: fit on this worker's shard, all-reduce, checkpoint on rank 0."""
+    import ray.train
+    spec: FactorSpec = config["spec"]
+    cluster: ClusterConfig = config["cluster"]
+    pin_threads(cluster.threads_per_worker)
+    device = device_for(cluster)
+    model = load_model(spec.model_path, spec.dtype, spec.method == "linfac",
+                       spec.trust_remote_code, device)
+    tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
+    units = discover_units(model, spec.method)
+    shard = ray.train.get_dataset_shard("train")
+    counter = {"sequences": 0, "tokens": 0}
+    start = time.perf_counter()
+    batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter)
+    stats = covariance_pass(model, units, batches, spec.fisher) or zero_stats(units, "covariance")
+    stats = allreduce_sum(stats, device)
+    eigens = eigendecompose(stats, units)
+    lam = None
+    if spec.corrected:
+        batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter)
+        lam = lambda_pass(model, units, eigens, batches, spec.fisher) or zero_stats(units, "lambda")
+        lam = allreduce_sum(lam, device)
+    curvature = Curvature.build(eigens, lam, spec.corrected, spec.damping)
+    seconds = time.perf_counter() - start
+    _report(curvature, stats, lam, units, counter, seconds)
+
+
+def _report(curvature, stats, lam, units, counter, seconds) -> None:
+    import ray.train
+    from safetensors.torch import save_file
+    rank, size = world()
+    totals = allreduce_sum({k: torch.tensor([float(v)]) for k, v in counter.items()})
+    metrics = {"sequences": float(totals["sequences"][0]) / (2 if lam is not None else 1),
+               "tokens": float(totals["tokens"][0]) / (2 if lam is not None else 1),
+               "seconds": seconds, "workers": size}
+    metrics["sequences_per_s"] = metrics["sequences"] / max(seconds, 1e-9)
+    metrics["tokens_per_s"] = metrics["tokens"] / max(seconds, 1e-9)
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tensors = curvature.to_tensors()
+        tensors.update({f"stats/{k}": v.contiguous() for k, v in stats.items()
+                        if k.endswith("_count")})
+        save_file(tensors, str(Path(tmp) / FACTOR_FILE))
+        (Path(tmp) / "units.json").write_text(json.dumps(
+            [{"name": u.name, "shape": list(u.shape), "mix_tokens": u.mix_tokens} for u in units]))
+        (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def fit_factors(dataset, spec: FactorSpec, cluster: ClusterConfig, out_dir: Path,
+                storage: Path, max_failures: int = 2) -> dict:
+    """Run the worker group on ``dataset`` (a Ray Dataset of id/prompt/response rows).
+
+    Writes ``out_dir/factors.safetensors`` and ``out_dir/units.json`` and returns the
+    throughput metrics. A worker that dies is retried up to ``max_failures`` times from scratch:
+    fitting is deterministic, so the factors equal an undisturbed run's.
+    """
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    trainer = TorchTrainer(
+        factor_worker,
+        train_loop_config={"spec": spec, "cluster": cluster},
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend=cluster.backend),
+        datasets={"train": dataset},
+        run_config=RunConfig(name=f"fit_factors_{int(time.time() * 1000)}",
+                             storage_path=str(storage.resolve()),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt:
+        _install(Path(ckpt), out_dir)
+        return json.loads((Path(ckpt) / "metrics.json").read_text())
+
+
+def _install(src: Path, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (FACTOR_FILE, "units.json"):
+        tmp = out_dir / f".{name}.tmp"
+        shutil.copyfile(src / name, tmp)
+        tmp.replace(out_dir / name)
+
+
+def load_curvature(factor_dir: Path) -> tuple[Curvature, list[str]]:
+    """The curvature saved by ``fit_factors`` (safetensors only: nothing is unpickled)."""
+    from safetensors.torch import load_file
+    names = [u["name"] for u in json.loads((factor_dir / "units.json").read_text())]
+    tensors = load_file(str(factor_dir / FACTOR_FILE))
+    return Curvature.from_tensors(tensors, names), names
+
+
+def spec_dict(spec: FactorSpec) -> dict:
+    return asdict(spec)

@@ -1,0 +1,62 @@
+"""Loading the user's Hugging Face causal LM and tokenizer, with errors a person can act on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """The model directory is missing, incomplete, corrupt or of an unsupported architecture."""
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """Refuse a missing or incomplete model directory before any worker tries to load it."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model.path={path}: no such directory")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"model.path={path}: no config.json (not a Hugging Face model dir)")
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{config}: not valid JSON ({err})") from err
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelLoadError(f"model.path={path}: no weights (*.safetensors) found")
+    return path
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The model's tokenizer; one without a pad token gets EOS as its pad token."""
+    from transformers import AutoTokenizer
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers raises many types for a broken tokenizer
+        raise ModelLoadError(f"model.path={path}: cannot load the tokenizer ({err})") from err
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelLoadError(f"model.path={path}: the tokenizer has neither pad nor eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str | Path, dtype: str = "float32", eager_attention: bool = True,
+               trust_remote_code: bool = False, device: str = "cpu"):
+    """A causal LM in eval mode. Eager attention exposes the probabilities LinFAC's unit needs."""
+    from transformers import AutoModelForCausalLM
+    path = check_model_dir(path)
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if eager_attention:
+        kwargs["attn_implementation"] = "eager"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except Exception as err:
+        raise ModelLoadError(f"model.path={path}: cannot load the model ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from err
+    return model.to(device).eval()

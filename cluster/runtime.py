@@ -1,0 +1,63 @@
+"""Connecting to Ray and sizing workers: the only place that calls ``ray.init``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Every Ray process we start inherits these (see cluster/README in the top-level README).
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where and how wide the distributed stages run (the ``cluster`` config group)."""
+
+    address: str = ""  # empty: connect to RAY_ADDRESS / a running cluster, else start a local Ray
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    batch_size: int = 16
+    num_cpus_local: int | None = None  # CPUs of a local Ray started by the run (None: all)
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"cluster.num_workers={self.num_workers}: must be >= 1")
+        if self.batch_size < 1:
+            raise ValueError(f"cluster.batch_size={self.batch_size}: must be >= 1")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def backend(self) -> str:
+        """The collective: NCCL across GPUs, gloo on CPUs."""
+        return "nccl" if self.use_gpu else "gloo"
+
+
+def connect(config: ClusterConfig) -> None:
+    """``ray.init`` unless already connected (so ``ray job submit`` and local runs share code)."""
+    import ray
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(config.threads_per_worker)}}
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=config.num_cpus_local, runtime_env=env, include_dashboard=False,
+                 log_to_driver=True)
+
+
+def pin_threads(threads: int) -> None:
+    """Keep a worker to its share of the cores: torch processes on 2 cores fight otherwise."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(max(1, threads))
+
+
+def device_for(config: ClusterConfig) -> str:
+    return "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"

@@ -1,0 +1,164 @@
+"""Scoring the corpus: preconditioned queries in the object store, a Ray Data actor pool, Parquet.
+
+1. ``precondition`` (once): the query gradients, grouped by ``query_batch_size`` and averaged,
+   get one IHVP per group; the result is ``ray.put`` once and shared by every scorer.
+2. ``score_corpus``: ``map_batches`` with the stateful ``Scorer`` (``concurrency=N``): each actor
+   loads the model and the preconditioned queries once, then maps batches of rows to their raw
+   per-query-batch scores (a fixed-size list column ``raw``), passing the row's columns through.
+3. ``finalize``: streams the raw shards twice (column scales, then scores and ranks) and writes
+   one row per training id with ``score`` and ``rank``; memory stays flat in the corpus size
+   except for the (id, score) pair per row needed to rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from cluster.batches import TokenizeConfig, iter_row_batches, to_tensors
+from cluster.factor_job import load_curvature
+from cluster.model_io import load_model, load_tokenizer
+from cluster.runtime import ClusterConfig, device_for, pin_threads
+from operators.scores import InfluenceConfig, precondition_queries, score_batch
+from operators.units import discover_units
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What to score with: model, method, tokenization."""
+
+    model_path: str
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    dtype: str = "float32"
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    trust_remote_code: bool = False
+
+
+def _model_and_units(spec: ScoreSpec, device: str = "cpu"):
+    config = spec.influence
+    model = load_model(spec.model_path, spec.dtype, config.method == "linfac",
+                       spec.trust_remote_code, device)
+    tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
+    units = [] if config.method == "repsim" else discover_units(model, config.unit_method)
+    return model, tokenizer, units
+
+
+def precondition(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | None,
+                 batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Preconditioned query features ``name -> [num_query_batches, ...]`` (run once)."""
+    model, tokenizer, units = _model_and_units(spec)
+    curvature = None
+    if spec.influence.uses_curvature:
+        curvature, names = load_curvature(factor_dir)
+        if names != [u.name for u in units]:
+            raise ValueError(f"factors in {factor_dir} were fitted for other units than "
+                             f"influence.method={spec.influence.method} on this model")
+    batches = (to_tensors(cols, tokenizer, spec.tokenize)
+               for cols in iter_row_batches(query_rows, batch_size))
+    return precondition_queries(model, units, batches, spec.influence, curvature)
+
+
+class Scorer:
+    """Stateful ``map_batches`` callable: rows → rows + ``raw`` scores ``[num_query_batches]``."""
+
+    def __init__(self, spec: ScoreSpec, features_ref: list, cluster: ClusterConfig) -> None:
+        import ray
+        pin_threads(cluster.threads_per_worker)
+        self.device = device_for(cluster)
+        self.spec = spec
+        self.model, self.tokenizer, self.units = _model_and_units(spec, self.device)
+        self.features = {k: v.to(self.device) for k, v in ray.get(features_ref[0]).items()}
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        columns = {k: table.column(k).to_numpy(zero_copy_only=False)
+                   for k in ("id", "prompt", "response")}
+        batch = to_tensors(columns, self.tokenizer, self.spec.tokenize, self.device)
+        raw = score_batch(self.model, self.units, batch, self.features, self.spec.influence)
+        raw = raw.cpu().numpy().astype(np.float64)
+        flat = pa.array(raw.reshape(-1), type=pa.float64())
+        return table.append_column("raw", pa.FixedSizeListArray.from_arrays(flat, raw.shape[1]))
+
+
+def score_corpus(dataset, spec: ScoreSpec, features: dict[str, torch.Tensor],
+                 cluster: ClusterConfig, raw_dir: Path) -> dict:
+    """Stream ``dataset`` through an actor pool; write raw score shards to ``raw_dir``."""
+    import ray
+    features_ref = [ray.put({k: v.cpu() for k, v in features.items()})]  # put once, shared
+    start = time.perf_counter()
+    scored = dataset.map_batches(
+        Scorer, fn_constructor_kwargs={"spec": spec, "features_ref": features_ref,
+                                       "cluster": cluster},
+        batch_size=cluster.batch_size, batch_format="pyarrow", concurrency=cluster.num_workers,
+        num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker or None)
+    scored.write_parquet(str(raw_dir))
+    seconds = time.perf_counter() - start
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in raw_dir.glob("*.parquet"))
+    return {"sequences": rows, "seconds": seconds, "sequences_per_s": rows / max(seconds, 1e-9)}
+
+
+def _column_scales(files: list[Path]) -> np.ndarray:
+    """Unbiased standard deviation of each raw column over the finite rows (streamed)."""
+    n, total, squares = 0, None, None
+    for path in files:
+        for batch in pq.ParquetFile(path).iter_batches(columns=["raw"]):
+            raw = _raw_matrix(batch.column(0))
+            raw = raw[np.isfinite(raw).all(axis=1)]
+            n += raw.shape[0]
+            total = raw.sum(0) if total is None else total + raw.sum(0)
+            squares = (raw ** 2).sum(0) if squares is None else squares + (raw ** 2).sum(0)
+    if total is None or n < 2:
+        return np.ones(0 if total is None else total.shape)
+    var = (squares - total ** 2 / n) / (n - 1)
+    std = np.sqrt(np.clip(var, 0, None))
+    return np.where(std > 0, std, 1.0)
+
+
+def _raw_matrix(column) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def aggregate_rows(raw: np.ndarray, scales: np.ndarray, how: str) -> np.ndarray:
+    """The final score per row (see ``operators.scores.aggregate``); NaN for non-finite rows."""
+    scaled = raw / scales if scales.size else raw
+    score = scaled.max(axis=1) if how == "max" else scaled.mean(axis=1)
+    score[~np.isfinite(raw).all(axis=1)] = math.nan
+    return score
+
+
+def finalize(raw_dir: Path, out_path: Path, how: str) -> dict:
+    """Write ``out_path`` (one Parquet file): every row with ``score`` and ``rank``, once each."""
+    files = sorted(raw_dir.glob("*.parquet"))
+    scales = _column_scales(files)
+    tables = []
+    for path in files:
+        table = pq.read_table(path)
+        score = aggregate_rows(_raw_matrix(table.column("raw")), scales, how)
+        tables.append(table.append_column("score", pa.array(score, type=pa.float64())))
+    table = pa.concat_tables(tables) if tables else pa.table({})
+    ids = table.column("id").to_pylist()
+    if len(set(ids)) != len(ids):
+        raise RuntimeError(f"scoring produced duplicate ids under {raw_dir}: a retry wrote twice")
+    score = table.column("score").to_numpy()
+    order = np.lexsort((np.array(ids, dtype=object).astype(str),
+                        -np.nan_to_num(score, nan=-np.inf)))
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[order] = np.arange(1, len(ids) + 1)
+    table = table.append_column("rank", pa.array(rank)).take(pa.array(order))
+    front = ["id", "score", "rank"]
+    table = table.select(front + [c for c in table.column_names if c not in front])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out_path)
+    bad = [ids[i] for i in np.nonzero(~np.isfinite(score))[0]]
+    return {"rows": len(ids), "nonfinite_ids": bad[:100], "nonfinite": len(bad)}
