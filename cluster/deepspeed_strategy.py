@@ -1,0 +1,66 @@
+"""Every DeepSpeed call behind one object: initialise, step, checkpoint, consolidated weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def read_ds_config(path: str | Path) -> dict:
+    """Read a DeepSpeed JSON config on the driver (workers may run in another folder)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as err:
+        raise ValueError(f"ibo.deepspeed_config={path}: no such file") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"ibo.deepspeed_config={path}: not valid JSON ({err})") from err
+
+
+def resolve_ds_config(config: dict, use_gpu: bool) -> dict:
+    """``"auto"`` bf16 means on when a GPU supports it, else off."""
+    config = json.loads(json.dumps(config))
+    for key in ("bf16", "fp16"):
+        if config.get(key, {}).get("enabled") == "auto":
+            config[key]["enabled"] = bool(use_gpu and key == "bf16"
+                                          and torch.cuda.is_available()
+                                          and torch.cuda.is_bf16_supported())
+    return config
+
+
+class DeepSpeedStrategy:
+    """Owns the DeepSpeed engine of one Ray Train worker."""
+
+    def __init__(self, ds_config: dict, lr: float, weight_decay: float = 0.0) -> None:
+        self.ds_config, self.lr, self.weight_decay = ds_config, lr, weight_decay
+        self.engine = None
+
+    def setup(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``deepspeed.initialize`` with a torch optimizer (DeepSpeed's own Adam compiles ops)."""
+        import deepspeed
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=self.ds_config, dist_init_required=False)
+        return self.engine
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def save(self, directory: Path, step: int) -> None:
+        """A resumable checkpoint (all ranks must call it)."""
+        self.engine.save_checkpoint(str(directory), tag="state", client_state={"step": step})
+
+    def load(self, directory: Path) -> int:
+        """Resume; returns the number of steps already done."""
+        _, client = self.engine.load_checkpoint(str(directory), tag="state")
+        return int((client or {}).get("step", 0))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on every rank (gathered under ZeRO-3)."""
+        stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        if stage == 3:
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}

@@ -1,0 +1,193 @@
+"""IBO (and its baselines) as a Ray Train ``TorchTrainer`` whose workers run DeepSpeed.
+
+Each worker reads its shard of the selection's Parquet datasets through Ray Data, evaluates the
+frozen reference θs once on those rows (unless ``precompute_reference=False``), wraps θs (or
+LoRA adapters on it) in DeepSpeed, and steps through its rows cyclically. Every
+``checkpoint_every`` steps all ranks save a DeepSpeed checkpoint that Ray Train persists; a
+restarted worker group resumes from the latest one. The last checkpoint also holds the corrected
+model as a Hugging Face directory (safetensors), which the driver installs under ``ibo/model``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.allreduce import world
+from cluster.deepspeed_strategy import DeepSpeedStrategy, read_ds_config, resolve_ds_config
+from cluster.ibo_objectives import METHOD_DATASETS, ObjectiveConfig, Reference, step_loss
+from cluster.model_io import load_model, load_tokenizer
+from cluster.runtime import ClusterConfig, device_for, pin_threads
+
+MODEL_DIR = "model"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Correct through LoRA adapters instead of the full weights (peft)."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()  # empty: every linear module of the blocks
+    save: str = "merged"  # merged | adapter
+
+    def __post_init__(self) -> None:
+        if self.save not in ("merged", "adapter"):
+            raise ValueError(f"ibo.lora.save={self.save!r}: expected merged or adapter")
+
+
+@dataclass(frozen=True)
+class IBOSpec:
+    """One correction run."""
+
+    model_path: str
+    deepspeed_config: str
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    steps: int = 40
+    lr: float = 5e-4
+    batch_size: int = 8
+    checkpoint_every: int = 10
+    precompute_reference: bool = True
+    dtype: str = "float32"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    reinit: bool = False  # oracle: retrain from a fresh initialisation
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "checkpoint_every"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"ibo.{key}={getattr(self, key)}: must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"ibo.lr={self.lr}: must be > 0")
+
+
+def _take(rows: list[dict], step: int, size: int) -> list[dict]:
+    start = (step * size) % len(rows)
+    return [rows[(start + i) % len(rows)] for i in range(min(size, len(rows)))]
+
+
+def _policy(spec: IBOSpec, device: str):
+    model = load_model(spec.model_path, spec.dtype, False, spec.trust_remote_code, device)
+    if spec.reinit:
+        model.apply(model._init_weights)  # the oracle retrains from scratch
+    if spec.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+        targets = list(spec.lora.target_modules) or "all-linear"
+        model = get_peft_model(model, LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,
+                                                 lora_dropout=spec.lora.dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    return model.eval()  # no dropout: the reference was evaluated the same way
+
+
+def _reference(spec: IBOSpec, tokenizer, rows, device) -> Reference | None:
+    if spec.objective.method not in ("ibo", "pbo"):
+        return None
+    base = load_model(spec.model_path, spec.dtype, False, spec.trust_remote_code, device)
+    ref = Reference(base, tokenizer, spec.objective, live=not spec.precompute_reference)
+    if spec.precompute_reference:
+        ref.precompute({k: v for k, v in rows.items() if k in ("pairs", "neutral")}, device)
+        ref.model = None  # θs is no longer needed in memory
+    return ref
+
+
+def ibo_worker(config: dict) -> None:
+    """Ray Train ``train_func``: one DeepSpeed worker of the correction job."""
+    import ray.train
+    spec: IBOSpec = config["spec"]
+    cluster: ClusterConfig = config["cluster"]
+    pin_threads(cluster.threads_per_worker)
+    if not cluster.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before DeepSpeed is first imported
+    device = device_for(cluster)
+    tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
+    rows = {name: list(ray.train.get_dataset_shard(name).iter_rows())
+            for name in METHOD_DATASETS[spec.objective.method]}
+    empty = [name for name, r in rows.items() if not r]
+    if empty:
+        raise ValueError(f"worker {world()[0]} got no rows of {empty}: fewer samples than "
+                         "cluster.num_workers")
+    ref = _reference(spec, tokenizer, rows, device)
+    strategy = DeepSpeedStrategy(resolve_ds_config(config["ds_config"], cluster.use_gpu), spec.lr)
+    engine = strategy.setup(_policy(spec, device))
+    start = _resume(strategy)
+    times = []
+    for step in range(start, spec.steps):
+        began = time.perf_counter()
+        batch = {name: _take(r, step, spec.batch_size) for name, r in rows.items()}
+        loss, metrics = step_loss(engine, tokenizer, ref, batch, spec.objective, device)
+        strategy.step(loss)
+        times.append(time.perf_counter() - began)
+        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
+            metrics.update(step=step + 1, resumed_from=start,
+                           step_seconds=sum(times) / len(times))
+            _checkpoint(strategy, spec, tokenizer, step + 1, metrics)
+
+
+def _resume(strategy: DeepSpeedStrategy) -> int:
+    import ray.train
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        return strategy.load(Path(directory) / "ds")
+
+
+def _checkpoint(strategy, spec: IBOSpec, tokenizer, step: int, metrics: dict) -> None:
+    import ray.train
+    rank, _ = world()
+    final = step == spec.steps
+    state = strategy.full_state_dict() if final else None  # collective under ZeRO-3
+    with tempfile.TemporaryDirectory() as tmp:
+        strategy.save(Path(tmp) / "ds", step)
+        if final and rank == 0:
+            _save_model(strategy.engine.module, state, spec, tokenizer, Path(tmp) / MODEL_DIR)
+        if rank == 0:
+            (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _save_model(module, state, spec: IBOSpec, tokenizer, out: Path) -> None:
+    """The corrected model as a Hugging Face directory with safetensors weights."""
+    if spec.lora.enabled and spec.lora.save == "merged":
+        module = module.merge_and_unload()
+        state = None
+    elif spec.lora.enabled:
+        state = None  # the adapter alone, with a pointer to its base model
+    module.save_pretrained(out, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def run_ibo(datasets: dict, spec: IBOSpec, cluster: ClusterConfig, out_dir: Path,
+            storage: Path, max_failures: int = 2) -> dict:
+    """Run the correction job; install the model under ``out_dir/model``; return its metrics."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    trainer = TorchTrainer(
+        ibo_worker, train_loop_config={"spec": spec, "cluster": cluster,
+                                       "ds_config": read_ds_config(spec.deepspeed_config)},
+        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend=cluster.backend),
+        datasets=datasets,
+        run_config=RunConfig(name=f"ibo_{int(time.time() * 1000)}",
+                             storage_path=str(storage.resolve()),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as ckpt:
+        tmp = out_dir / f".{MODEL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(ckpt) / MODEL_DIR, tmp)
+        shutil.rmtree(out_dir / MODEL_DIR, ignore_errors=True)
+        tmp.replace(out_dir / MODEL_DIR)
+        return json.loads((Path(ckpt) / "metrics.json").read_text())

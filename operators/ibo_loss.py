@@ -1,0 +1,83 @@
+"""IBO's losses (LANCET.md section 5) and the baselines' objectives, per example.
+
+    Δθ(z)  = log πθ(y|x) − log πθs(y|x)
+    L_COR  = −E[ε · log σ(β Δθ(z−) − β Δθ(z+))]        z+ is DPO's "rejected", z− its "chosen"
+    L_BR   = E_{z ∈ D_IF0}[mean_t KL(πθs(·|z<t) ‖ πθ(·|z<t))]
+    L_IBO  = L_COR + γ · L_BR
+
+The reference distribution for L_BR may be stored as its top-k log-probs per token: the KL is
+then taken over the k tokens plus one bucket for the rest of the mass (exact when k = |V|, a
+lower bound otherwise by the data-processing inequality).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class IBOLossConfig:
+    """β scales the log-ratios, γ weighs the Bregman term."""
+
+    beta: float = 0.1
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"ibo.beta={self.beta}: must be > 0")
+        if self.gamma < 0:
+            raise ValueError(f"ibo.gamma={self.gamma}: must be >= 0")
+
+
+def correction_loss(policy_pos: Tensor, policy_neg: Tensor, ref_pos: Tensor, ref_neg: Tensor,
+                    eps: Tensor, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair L_COR ``[P]`` and TRL-named metrics (z− = chosen, z+ = rejected)."""
+    chosen = beta * (policy_neg - ref_neg)  # β Δθ(z−)
+    rejected = beta * (policy_pos - ref_pos)  # β Δθ(z+)
+    losses = -eps * F.logsigmoid(chosen - rejected)
+    metrics = {"rewards/chosen": chosen.detach().mean(),
+               "rewards/rejected": rejected.detach().mean(),
+               "rewards/margins": (chosen - rejected).detach().mean(),
+               "rewards/accuracies": (chosen > rejected).float().mean(),
+               "logps/chosen": policy_neg.detach().mean(),
+               "logps/rejected": policy_pos.detach().mean()}
+    return losses, metrics
+
+
+def topk_reference(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The reference's top-k token log-probs and their indices ``[B, T, k]`` (k ≤ |V|)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, indices = logp.topk(min(k, logp.shape[-1]), dim=-1)
+    return values, indices
+
+
+def bregman_loss(policy_logits: Tensor, ref_logp: Tensor, ref_index: Tensor, token_mask: Tensor
+                 ) -> Tensor:
+    """Per-example L_BR ``[B]``: token-mean KL(πθs ‖ πθ) on the reference's top-k support.
+
+    Args:
+        policy_logits: ``[B, T, V]``; ref_logp, ref_index: ``[B, T, k]``; token_mask: ``[B, T]``.
+    """
+    logq = torch.log_softmax(policy_logits.float(), dim=-1).gather(-1, ref_index)
+    p = ref_logp.exp()
+    kl = (p * (ref_logp - logq)).sum(-1)
+    rest_p = (1 - p.sum(-1)).clamp_min(0)
+    rest_q = (1 - logq.exp().sum(-1)).clamp_min(1e-12)
+    kl = kl + torch.where(rest_p > 1e-9, rest_p * (rest_p.clamp_min(1e-12).log() - rest_q.log()),
+                          torch.zeros_like(rest_p))
+    mask = token_mask.to(kl.dtype)
+    return (kl * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+
+
+def ascent_loss(policy_logp: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Gradient ascent on the likelihood (``ga``; ``pbo`` with influence weights): ``[B]``."""
+    return policy_logp if weights is None else weights * policy_logp
+
+
+def nll_loss(policy_logp: Tensor, tokens: Tensor) -> Tensor:
+    """Plain fine-tuning (``remove``, ``oracle``): per-example NLL per token ``[B]``."""
+    return -policy_logp / tokens.clamp_min(1)

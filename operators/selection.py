@@ -1,0 +1,80 @@
+"""The influence sets and the IBO pairs (LANCET.md section 4).
+
+D_IF+ is the shortest prefix of the positive scores, sorted descending, that holds a fraction α
+of the total positive mass; D_IF− the same on |score| of the negative scores; both capped at
+``max_fraction`` of the corpus. The rest is D_IF0 (non-finite scores are ``excluded``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+POSITIVE, NEGATIVE, NEUTRAL, EXCLUDED = "positive", "negative", "neutral", "excluded"
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """``influence.alpha`` ∈ (0, 1] and ``influence.max_fraction`` ∈ (0, 1)."""
+
+    alpha: float = 0.8
+    max_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not (0.0 < float(self.alpha) <= 1.0):
+            raise ValueError(f"influence.alpha={self.alpha}: must be in (0, 1]")
+        if not (0.0 < float(self.max_fraction) < 1.0):
+            raise ValueError(f"influence.max_fraction={self.max_fraction}: must be in (0, 1)")
+
+
+def _pareto_prefix(values: np.ndarray, alpha: float, cap: int) -> np.ndarray:
+    """Indices (into ``values``, all > 0) of the shortest descending prefix holding α of the mass."""
+    order = np.argsort(-values, kind="stable")
+    mass = np.cumsum(values[order])
+    if mass.size == 0:
+        return order
+    length = int(np.searchsorted(mass, alpha * mass[-1] * (1 - 1e-12))) + 1
+    return order[:min(length, cap)]
+
+
+def select_sets(scores: np.ndarray, config: SelectionConfig) -> np.ndarray:
+    """The set of every sample: an array of ``positive``/``negative``/``neutral``/``excluded``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    sets = np.full(scores.shape, NEUTRAL, dtype=object)
+    finite = np.isfinite(scores)
+    sets[~finite] = EXCLUDED
+    cap = max(1, math.floor(config.max_fraction * scores.size))
+    for sign, label in ((1.0, POSITIVE), (-1.0, NEGATIVE)):
+        idx = np.nonzero(finite & (sign * scores > 0))[0]
+        chosen = idx[_pareto_prefix(sign * scores[idx], config.alpha, cap)]
+        sets[chosen] = label
+    if not (sets == NEUTRAL).any():
+        raise ValueError("no neutral samples remain for the Bregman term: lower "
+                         "influence.max_fraction or influence.alpha")
+    return sets
+
+
+def make_pairs(scores: np.ndarray, sets: np.ndarray, seed: int = 0
+               ) -> list[tuple[int, int, float]]:
+    """(z+ index, z− index, ε) pairs: both sets shuffled, the smaller one cycled.
+
+    ε = (I(z+) − I(z−)) / (max I − min I) over the selected sets, in (0, 1].
+    """
+    pos = [int(i) for i in np.nonzero(sets == POSITIVE)[0]]
+    neg = [int(i) for i in np.nonzero(sets == NEGATIVE)[0]]
+    if not pos or not neg:
+        raise ValueError(f"IBO needs both influence sets; got {len(pos)} positive and "
+                         f"{len(neg)} negative samples (try a larger influence.alpha, or "
+                         "ibo.method=pbo which needs only the positive set)")
+    rng = random.Random(seed)
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    n = max(len(pos), len(neg))
+    selected = scores[pos + neg]
+    spread = float(selected.max() - selected.min()) or 1.0
+    return [(pos[i % len(pos)], neg[i % len(neg)],
+             float(scores[pos[i % len(pos)]] - scores[neg[i % len(neg)]]) / spread)
+            for i in range(n)]

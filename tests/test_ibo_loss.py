@@ -1,0 +1,84 @@
+"""IBO losses against hand-computed references; the α selection rule."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import random_batch, tiny_model
+
+from operators.ibo_loss import IBOLossConfig, bregman_loss, correction_loss, topk_reference
+from operators.selection import SelectionConfig, make_pairs, select_sets
+from operators.sequences import sequence_log_probs
+
+
+def test_cor_equals_the_dpo_sigmoid_loss_with_eps_one():
+    pol_pos, pol_neg = torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0])
+    ref_pos, ref_neg = torch.tensor([-2.5, -1.5]), torch.tensor([-2.2, -3.0])
+    beta = 0.1
+    losses, metrics = correction_loss(pol_pos, pol_neg, ref_pos, ref_neg, torch.ones(2), beta)
+    # DPO: −log σ(β[(log π_c − log π_ref,c) − (log π_r − log π_ref,r)]), chosen = z−
+    by_hand = [-np.log(1 / (1 + np.exp(-beta * ((pn - rn) - (pp - rp)))))
+               for pp, pn, rp, rn in zip([-3.0, -1.0], [-2.0, -4.0], [-2.5, -1.5], [-2.2, -3.0])]
+    torch.testing.assert_close(losses, torch.tensor(by_hand, dtype=torch.float32))
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+            "logps/chosen", "logps/rejected"} <= set(metrics)
+
+
+def test_bregman_is_zero_at_the_reference_and_positive_elsewhere():
+    model = tiny_model("gpt2", dtype=torch.float32)
+    batch = random_batch()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+    for k in (40, 8):  # the full vocabulary, and a top-k reference
+        ref_logp, ref_idx = topk_reference(logits, k)
+        zero = bregman_loss(logits, ref_logp, ref_idx, batch["attention_mask"])
+        assert float(zero.abs().max()) < 1e-6
+        moved = bregman_loss(logits + torch.randn_like(logits), ref_logp, ref_idx,
+                             batch["attention_mask"])
+        assert bool((moved > 1e-4).all())
+
+
+def test_one_gradient_step_lowers_log_p_of_z_plus_relative_to_z_minus():
+    model = tiny_model("gpt2", dtype=torch.float32)
+    pos, neg = random_batch(batch=2, seed=1), random_batch(batch=2, seed=2)
+
+    def logps():
+        lp = sequence_log_probs(model(input_ids=pos["input_ids"]).logits, pos["input_ids"],
+                                pos["loss_mask"])
+        ln = sequence_log_probs(model(input_ids=neg["input_ids"]).logits, neg["input_ids"],
+                                neg["loss_mask"])
+        return lp, ln
+
+    with torch.no_grad():
+        ref_pos, ref_neg = logps()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    lp, ln = logps()
+    losses, _ = correction_loss(lp, ln, ref_pos, ref_neg, torch.ones(2), IBOLossConfig().beta)
+    losses.mean().backward()
+    opt.step()
+    with torch.no_grad():
+        new_pos, new_neg = logps()
+    assert float((new_pos - ref_pos).mean()) < float((new_neg - ref_neg).mean())
+
+
+def test_alpha_rule_takes_the_shortest_prefix_holding_alpha_of_the_mass():
+    scores = np.array([5.0, 3.0, 1.0, 1.0, 0.0, -4.0, -1.0, 0.2] + [0.0] * 32)
+    sets = select_sets(scores, SelectionConfig(alpha=0.8, max_fraction=0.2))
+    # positive mass 10.2: 5 + 3 = 8 < 8.16, so 5, 3, 1 are needed
+    assert sorted(np.nonzero(sets == "positive")[0].tolist()) == [0, 1, 2]
+    assert np.nonzero(sets == "negative")[0].tolist() == [5]  # 4 of 5 = 0.8 of the mass
+    capped = select_sets(scores, SelectionConfig(alpha=1.0, max_fraction=0.05))
+    assert (capped == "positive").sum() == 2  # floor(0.05 * 40)
+
+
+def test_pairs_cycle_the_smaller_set_and_eps_is_in_unit_interval():
+    scores = np.array([4.0, 2.0, 1.0, -3.0, 0.0, 0.0])
+    sets = np.array(["positive"] * 3 + ["negative"] + ["neutral"] * 2, dtype=object)
+    pairs = make_pairs(scores, sets)
+    assert len(pairs) == 3 and {p[1] for p in pairs} == {3}
+    assert all(0 < eps <= 1 for _, _, eps in pairs)
+
+
+@pytest.mark.parametrize("alpha", [0.0, -0.1, 1.5])
+def test_alpha_out_of_range_is_refused_with_the_key(alpha):
+    with pytest.raises(ValueError, match="influence.alpha"):
+        SelectionConfig(alpha=alpha)
