@@ -133,7 +133,7 @@ def step_loss(model: nn.Module, tokenizer, ref: Reference | None, rows: dict[str
                                  eps, config.loss.beta)
         loss = loss + cor.mean()
         metrics.update({k: float(v) for k, v in m.items()})
-        metrics["loss/cor"] = float(cor.mean())
+        metrics["loss/cor"] = cor.mean().item()
     if config.method in ("pbo", "ga"):
         cols = side(rows["positive"])
         batch = batch_of(cols)

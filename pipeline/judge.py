@@ -52,3 +52,9 @@ class Judge:
         results = self.classifier(list(texts), truncation=True)
         return [any(d["label"] == self.config.label and d["score"] >= self.config.threshold
                     for d in result) for result in results]
+
+
+def judge_config(conf) -> JudgeConfig:
+    """The typed ``judge`` config group → ``JudgeConfig``."""
+    return JudgeConfig(kind=conf.kind, patterns=tuple(conf.patterns), path=conf.path,
+                       label=conf.label, threshold=conf.threshold)

@@ -1,0 +1,159 @@
+"""The DAG: a table of stages and the runner that caches, resumes and tracks them.
+
+A stage's output is fingerprinted by the stage's name and version, its slice of the config and
+its inputs' fingerprints, and lives in ``cache_dir/<stage>/<fingerprint>/``. A stage computes into
+a temporary folder that is renamed into place only when it succeeded, so a killed run leaves no
+half-written output and the rerun resumes at the first unfinished stage. ``output_dir/<name>``
+links to each stage's cached output (names as CONTRACT.md section 3 fixes them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.config import LancetConf
+
+DONE = "stage.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], dict]
+    inputs: tuple[str, ...]
+    config_keys: tuple[str, ...]  # dotted paths of the config this stage depends on
+    publish_as: str  # the name under output_dir
+    artifacts: tuple[str, ...] = ()  # files/folders of the output logged to MLflow
+    version: str = "1"
+
+
+@dataclass
+class StageContext:
+    """What a stage function sees: typed config, its input folders and its output folder."""
+
+    cfg: LancetConf
+    inputs: dict[str, Path]
+    out: Path
+    log: Callable[[str], None]
+
+
+def _pick(cfg: LancetConf, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else value
+
+
+def fingerprint(stage: Stage, cfg: LancetConf, upstream: dict[str, str]) -> str:
+    payload = {"stage": stage.name, "version": stage.version,
+               "config": {k: _pick(cfg, k) for k in stage.config_keys},
+               "inputs": {k: upstream[k] for k in stage.inputs}}
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def order(stages: list[Stage]) -> list[Stage]:
+    """Topological order of the table (inputs first), checking every input exists."""
+    by_name = {s.name: s for s in stages}
+    done: list[Stage] = []
+    visiting: set[str] = set()
+
+    def visit(stage: Stage) -> None:
+        if stage in done:
+            return
+        if stage.name in visiting:
+            raise ValueError(f"stage {stage.name} is part of a cycle")
+        visiting.add(stage.name)
+        for name in stage.inputs:
+            if name not in by_name:
+                raise ValueError(f"stage {stage.name} needs unknown stage {name}")
+            visit(by_name[name])
+        done.append(stage)
+
+    for stage in stages:
+        visit(stage)
+    return done
+
+
+def select_until(stages: list[Stage], until: str) -> list[Stage]:
+    """The stages needed to produce ``until`` (all when empty)."""
+    if not until:
+        return stages
+    names = [s.name for s in stages]
+    if until not in names:
+        raise ValueError(f"pipeline.until={until!r}: expected one of {names}")
+    by_name = {s.name: s for s in stages}
+    needed: set[str] = set()
+    todo = [until]
+    while todo:
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo.extend(by_name[name].inputs)
+    return [s for s in stages if s.name in needed]
+
+
+def _publish(final: Path, output_dir: Path, name: str) -> None:
+    link = output_dir / name
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)
+    link.symlink_to(final.resolve(), target_is_directory=True)
+
+
+def run_stage(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], fp: str, cache: Path,
+              log: Callable[[str], None]) -> tuple[Path, dict, bool]:
+    """Reuse the cached output of ``stage`` or compute it atomically; (path, metrics, cached)."""
+    final = cache / stage.name / fp
+    if (final / DONE).is_file():
+        return final, json.loads((final / DONE).read_text())["metrics"], True
+    tmp = cache / stage.name / f".{fp}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    began = time.perf_counter()
+    try:
+        metrics = stage.run(StageContext(cfg, inputs, tmp, log)) or {}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    metrics[f"time/{stage.name}_s"] = time.perf_counter() - began
+    (tmp / DONE).write_text(json.dumps({"stage": stage.name, "fingerprint": fp,
+                                        "metrics": metrics}, default=str))
+    if final.exists():  # a concurrent job finished the same stage first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    return final, metrics, False
+
+
+def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], None]
+            ) -> dict[str, dict]:
+    """Run ``stages`` in order; returns each stage's metrics (with ``cached``)."""
+    cache, output_dir = Path(cfg.cache_dir), Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    prints: dict[str, str] = {}
+    results: dict[str, dict] = {}
+    for stage in order(stages):
+        fp = fingerprint(stage, cfg, prints)
+        with tracker.stage(stage.name, (cache / stage.name / fp / DONE).is_file(), fp):
+            log(f"stage {stage.name} [{fp}] ...")
+            path, metrics, cached = run_stage(stage, cfg, {k: paths[k] for k in stage.inputs},
+                                              fp, cache, log)
+            tracker.metrics(metrics)
+            for rel in stage.artifacts:
+                tracker.artifacts(path / rel, stage.publish_as)
+        paths[stage.name], prints[stage.name] = path, fp
+        _publish(path, output_dir, stage.publish_as)
+        results[stage.name] = {**metrics, "cached": cached}
+        log(f"stage {stage.name} reused from cache" if cached else
+            f"stage {stage.name} done ({metrics.get(f'time/{stage.name}_s', 0):.1f} s)")
+    return results

@@ -1,0 +1,87 @@
+"""One pipeline invocation: typed config, MLflow parent run, the DAG, the closing summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from cluster.dataio import DataError
+from cluster.model_io import ModelLoadError
+from cluster.tracking import Tracker
+from operators.units import UnsupportedModelError
+from pipeline import specs
+from pipeline.config import LancetConf, to_typed
+from pipeline.dag import run_dag, select_until
+from pipeline.stages.table import STAGES
+from pipeline.summary import summary
+
+log = logging.getLogger("lancet")
+USER_ERRORS = (DataError, ModelLoadError, UnsupportedModelError, ValueError, FileNotFoundError)
+
+
+def tracking_uri(cfg: LancetConf) -> str:
+    if cfg.mlflow.tracking_uri:
+        return cfg.mlflow.tracking_uri
+    return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+
+
+def run_pipeline(cfg: LancetConf, resolved: dict) -> dict:
+    """Validate, then run the DAG (up to ``pipeline.until``) inside an MLflow parent run."""
+    specs.validate(cfg)
+    stages = select_until(STAGES, cfg.pipeline.until)
+    output = Path(cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    config_file = output / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    tracker = Tracker(tracking_uri(cfg), cfg.mlflow.experiment, cfg.mlflow.enabled)
+    with tracker.parent("lancet", resolved, config_file) as run_id:
+        results = run_dag(stages, cfg, tracker, log.info)
+        final = {k: v for stage in results.values() for k, v in stage.items()
+                 if k != "cached" and ("/" in k)}
+        tracker.metrics(final)
+    (output / "run.json").write_text(json.dumps(
+        {"mlflow_run_id": run_id, "tracking_uri": tracker.uri, "stages": results}, indent=2,
+        default=str))
+    return {"results": results, "run_id": run_id, "tracking_uri": tracker.uri}
+
+
+def run_from_hydra(cfg) -> int:
+    """Entry used by ``python -m pipeline``; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="[lancet] %(message)s", force=True)
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        typed = to_typed(cfg)
+        out = run_pipeline(typed, resolved)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a stage failed: the cause, then the trace for a bug report
+        cause = _user_cause(err)
+        if cause is not None:
+            print(f"error: {cause}", file=sys.stderr)
+            return 2
+        traceback.print_exc()
+        return 1
+    if typed.pipeline.summary:
+        print(summary(typed, out))
+    return 0
+
+
+def _user_cause(err: BaseException) -> BaseException | None:
+    """A user error raised inside a Ray worker arrives wrapped; find it in the chain."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, USER_ERRORS):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    text = str(err)
+    for kind in ("DataError", "ModelLoadError", "UnsupportedModelError"):
+        if kind in text:
+            line = next((ln for ln in text.splitlines() if kind in ln), text)
+            return ValueError(line.split(f"{kind}: ", 1)[-1])
+    return None

@@ -1,0 +1,75 @@
+"""``fit_factors`` and ``score``: the distributed influence stages (LANCET.md sections 1-3)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from cluster.datasets import read_prepared
+from cluster.factor_job import fit_factors
+from cluster.runtime import connect
+from cluster.scoring import finalize, precondition, score_corpus
+from pipeline import specs
+from pipeline.dag import StageContext
+from pipeline.fingerprints import data_fingerprint, model_fingerprint
+from pipeline.stages.prepare import model_dir
+
+RANKED = "ranked.parquet"
+
+
+def storage(ctx: StageContext) -> Path:
+    """Ray Train's storage: configured shared storage, or a folder of the cache."""
+    path = Path(ctx.cfg.cluster.storage_path or Path(ctx.cfg.cache_dir) / "_ray_train")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_fit(ctx: StageContext) -> dict:
+    cfg, prepared = ctx.cfg, ctx.inputs["prepare"]
+    model = model_dir(prepared)
+    method = specs.influence(cfg).method
+    meta = {"method": method, "model_fingerprint": model_fingerprint(model),
+            "data_fingerprint": data_fingerprint(prepared / "train.parquet")}
+    if not specs.influence(cfg).uses_curvature:
+        (ctx.out / "meta.json").write_text(json.dumps({**meta, "units": []}, indent=2))
+        ctx.log(f"influence.method={method} needs no curvature: nothing to fit")
+        return {}
+    cluster = specs.cluster(cfg)
+    connect(cluster)
+    spec = specs.factor_spec(cfg, model)
+    metrics = fit_factors(read_prepared(prepared / "train.parquet", cluster), spec, cluster,
+                          ctx.out, storage(ctx), cfg.cluster.max_failures)
+    units = json.loads((ctx.out / "units.json").read_text())
+    meta.update(units=units, counts={"sequences": metrics["sequences"],
+                                     "tokens": metrics["tokens"]},
+                dtypes={"factors": "float64", "model": cfg.model.dtype},
+                fisher=cfg.influence.fisher, damping=cfg.influence.damping)
+    (ctx.out / "meta.json").write_text(json.dumps(meta, indent=2))
+    ctx.log(f"fit_factors: {metrics['sequences']:.0f} sequences, "
+            f"{metrics['sequences_per_s']:.1f} seq/s, {metrics['tokens_per_s']:.0f} tokens/s")
+    return {f"fit/{k}": v for k, v in metrics.items()}
+
+
+def run_score(ctx: StageContext) -> dict:
+    cfg, prepared = ctx.cfg, ctx.inputs["prepare"]
+    cluster = specs.cluster(cfg)
+    connect(cluster)
+    spec = specs.score_spec(cfg, model_dir(prepared))
+    queries = pq.read_table(prepared / "queries.parquet").to_pylist()
+    factors = ctx.inputs["fit_factors"] if spec.influence.uses_curvature else None
+    features = precondition(spec, queries, factors, cluster.batch_size)
+    raw_dir = ctx.out / "_raw"
+    metrics = score_corpus(read_prepared(prepared / "train.parquet", cluster), spec, features,
+                           cluster, raw_dir)
+    summary = finalize(raw_dir, ctx.out / RANKED, cfg.influence.aggregate)
+    shutil.rmtree(raw_dir)
+    if summary["nonfinite"]:
+        ctx.log(f"WARNING: {summary['nonfinite']} samples had NaN/inf gradients and are "
+                f"excluded: {summary['nonfinite_ids'][:10]}")
+    ctx.log(f"score: {metrics['sequences']} sequences, {metrics['sequences_per_s']:.1f} seq/s")
+    n_batches = next(iter(features.values())).shape[0]
+    return {"score/sequences_per_s": metrics["sequences_per_s"], "score/query_batches": n_batches,
+            "score/nonfinite": summary["nonfinite"], "score/rows": summary["rows"]}

@@ -1,0 +1,111 @@
+"""``prepare``: validated, normalised inputs (or the embedded demo built from nothing).
+
+Writes ``train.parquet``, ``queries.parquet``, ``eval.parquet`` (prompts, ``split`` seen/unseen),
+``clean_eval.parquet`` (optional) and ``info.json`` (the model directory, ground-truth column,
+token statistics). The demo also writes ``model/``: a tokenizer and a tiny GPT-2 trained here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cluster.dataio import DataError, read_rows, write_parquet_atomic
+from cluster.model_io import check_model_dir, load_model, load_tokenizer
+from operators.generation import greedy_generate
+from operators.sequences import SequenceTooLongError, encode
+from pipeline.config import LancetConf
+from pipeline.dag import StageContext
+from pipeline.demo.corpus import build_corpus
+from pipeline.demo.model import TinyModelConfig, train_demo_model
+from pipeline.judge import Judge, judge_config
+
+
+def run(ctx: StageContext) -> dict:
+    cfg = ctx.cfg
+    if cfg.data.train:
+        return _bring_your_own(cfg, ctx.out)
+    return _demo(cfg, ctx.out, ctx.log)
+
+
+def _bring_your_own(cfg: LancetConf, out: Path) -> dict:
+    if not cfg.model.path:
+        raise ValueError("model.path is empty: give your model directory with data.train")
+    check_model_dir(cfg.model.path)
+    if not cfg.data.queries:
+        raise DataError("data.queries is empty: give the undesirable outputs observed")
+    train = read_rows(cfg.data.train, cfg.data.format, "data.train")
+    queries = read_rows(cfg.data.queries, cfg.data.format, "data.queries")
+    evals = (read_rows(cfg.data.eval, cfg.data.format, "data.eval", require_response=False)
+             if cfg.data.eval else [])
+    clean = read_rows(cfg.data.clean_eval, "prompt_response", "data.clean_eval") \
+        if cfg.data.clean_eval else []
+    if cfg.data.label_column and cfg.data.label_column not in train[0]:
+        raise DataError(f"data.label_column={cfg.data.label_column!r}: no such column in "
+                        f"data.train")
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    stats = _check_lengths(train, tokenizer, cfg, "data.train")
+    _check_lengths(queries, tokenizer, cfg, "data.queries")
+    return _write(out, cfg.model.path, train, queries, evals, clean, cfg.data.label_column, stats)
+
+
+def _check_lengths(rows: list[dict], tokenizer, cfg: LancetConf, key: str) -> dict:
+    truncated, tokens = 0, 0
+    for row in rows:
+        try:
+            enc = encode(tokenizer, row["prompt"], row["response"], cfg.model.max_length,
+                         truncate=cfg.model.truncate)
+        except SequenceTooLongError as err:
+            raise DataError(f"{key}, id {row['id']!r}: {err} (model.max_length="
+                            f"{cfg.model.max_length}; set model.truncate=true to cut)") from err
+        truncated += enc.truncated
+        tokens += len(enc.input_ids)
+    return {"rows": len(rows), "tokens": tokens, "truncated": truncated}
+
+
+def _demo(cfg: LancetConf, out: Path, log) -> dict:
+    demo = cfg.demo
+    corpus = build_corpus(seed=demo.seed, bad_rate=demo.bad_rate)
+    log(f"demo corpus: {len(corpus.train)} samples, "
+        f"{sum(r['planted'] for r in corpus.train)} planted")
+    model, tok = train_demo_model(
+        corpus.train, [e["prompt"] for e in corpus.eval_prompts],
+        TinyModelConfig(width=demo.width, layers=demo.layers, heads=demo.heads,
+                        context=cfg.model.max_length, epochs=demo.epochs, lr=demo.lr,
+                        seed=demo.seed))
+    model_dir = out / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    model = load_model(model_dir)
+    judge = Judge(judge_config(cfg.judge))
+    outputs = greedy_generate(model, tok, corpus.planted_prompts, cfg.judge.max_new_tokens,
+                              cfg.model.max_length)
+    flags = judge.flags(outputs)
+    queries = [dict(id=f"query-{i:04d}", prompt=p, response=o)
+               for i, (p, o, f) in enumerate(zip(corpus.planted_prompts, outputs, flags)) if f]
+    if not queries:
+        raise RuntimeError("the demo model showed no undesirable output: raise demo.epochs")
+    log(f"observed the behaviour on {len(queries)} of {len(outputs)} planted prompts")
+    stats = _check_lengths(corpus.train, tok, cfg, "demo corpus")
+    return _write(out, None, corpus.train, queries, corpus.eval_prompts, corpus.clean_eval,
+                  "planted", stats)
+
+
+def _write(out: Path, model_path: str | None, train, queries, evals, clean, label, stats) -> dict:
+    write_parquet_atomic(train, out / "train.parquet")
+    write_parquet_atomic(queries, out / "queries.parquet")
+    if evals:
+        write_parquet_atomic(evals, out / "eval.parquet")
+    if clean:
+        write_parquet_atomic(clean, out / "clean_eval.parquet")
+    info = {"model_path": model_path, "label_column": label or "", **stats,
+            "queries": len(queries), "eval_prompts": len(evals)}
+    (out / "info.json").write_text(json.dumps(info, indent=2))
+    return {"data/train_rows": stats["rows"], "data/train_tokens": stats["tokens"],
+            "data/truncated": stats["truncated"], "data/queries": len(queries)}
+
+
+def model_dir(prepare_out: Path) -> str:
+    """The model θs: the user's directory, or the demo's (relative to the prepare output)."""
+    path = json.loads((prepare_out / "info.json").read_text())["model_path"]
+    return str(prepare_out / "model") if path is None else path

@@ -1,0 +1,103 @@
+"""``report``: plots (PNG) and a readable table of the most influential samples."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from cluster.selection_io import SCORES_FILE  # noqa: E402
+from operators.metrics import precision_recall_curve  # noqa: E402
+from pipeline.dag import StageContext  # noqa: E402
+from pipeline.stages.evaluate import METRICS_FILE  # noqa: E402
+
+TOP = 20
+
+
+def _score_distribution(table, out) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, colour in (("positive", "tab:red"), ("negative", "tab:blue"),
+                         ("neutral", "tab:gray")):
+        values = [s for s, k in zip(table["score"], table["set"]) if k == name and s == s]
+        if values:
+            ax.hist(values, bins=40, alpha=0.6, label=f"{name} ({len(values)})", color=colour)
+    ax.set_xlabel("influence score (positive drives the behaviour)")
+    ax.set_ylabel("samples")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "score_distribution.png", dpi=110)
+    plt.close(fig)
+
+
+def _pr_curve(table, label, metrics, out) -> None:
+    scores = [s if s == s else -math.inf for s in table["score"]]
+    precision, recall = precision_recall_curve(scores, [bool(x) for x in table[label]])
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot(recall, precision)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"recall of {label} (AUPRC {metrics.get('detect/auprc', float('nan')):.3f})")
+    ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(out / "precision_recall.png", dpi=110)
+    plt.close(fig)
+
+
+def _rates(metrics, out) -> None:
+    keys = [("seen", "behavior/undesirable_rate"), ("unseen", "behavior/undesirable_rate_unseen")]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, (name, key) in enumerate(keys):
+        before, after = metrics.get(f"{key}_before"), metrics.get(f"{key}_after")
+        if before is None or before != before:
+            continue
+        ax.bar([i - 0.2], [before], width=0.4, color="tab:red", label="before" if i == 0 else None)
+        ax.bar([i + 0.2], [after], width=0.4, color="tab:green", label="after" if i == 0 else None)
+    ax.set_xticks([0, 1], ["seen prompts", "unseen prompts"])
+    ax.set_ylabel("undesirable rate")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "undesirable_rate.png", dpi=110)
+    plt.close(fig)
+
+
+def _top_table(table, label, out) -> None:
+    rows = sorted(range(len(table["id"])), key=lambda i: table["rank"][i])
+    lines = ["# Most influential training samples", "",
+             "Positive scores drive the observed behaviour; negative ones inhibit it.", ""]
+    for title, chosen in (("Top positive", rows[:TOP]), ("Top negative", rows[::-1][:TOP])):
+        lines += [f"## {title}", "", "| rank | id | score | set |"
+                  + (f" {label} |" if label else "") + " prompt | response |",
+                  "|---|---|---|---|" + ("---|" if label else "") + "---|---|"]
+        for i in chosen:
+            cells = [str(table["rank"][i]), str(table["id"][i]), f"{table['score'][i]:.3f}",
+                     table["set"][i]] + ([str(table[label][i])] if label else []) + [
+                _cell(table["prompt"][i]), _cell(table["response"][i])]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    (out / "top_influential.md").write_text("\n".join(lines))
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = str(text).replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def run(ctx: StageContext) -> dict:
+    info = json.loads((ctx.inputs["prepare"] / "info.json").read_text())
+    label = info.get("label_column") or ""
+    table = pq.read_table(ctx.inputs["select"] / SCORES_FILE).to_pydict()
+    metrics = json.loads((ctx.inputs["evaluate"] / METRICS_FILE).read_text())
+    label = label if label in table else ""
+    _score_distribution(table, ctx.out)
+    if label:
+        _pr_curve(table, label, metrics, ctx.out)
+    _rates(metrics, ctx.out)
+    _top_table(table, label, ctx.out)
+    return {}
