@@ -50,9 +50,9 @@ def _pr_curve(table, label, metrics, out) -> None:
 
 
 def _rates(metrics, out) -> None:
-    keys = [("seen", "behavior/undesirable_rate"), ("unseen", "behavior/undesirable_rate_unseen")]
+    keys = ["behavior/undesirable_rate", "behavior/undesirable_rate_unseen"]
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for i, (name, key) in enumerate(keys):
+    for i, key in enumerate(keys):
         before, after = metrics.get(f"{key}_before"), metrics.get(f"{key}_after")
         if before is None or before != before:
             continue
