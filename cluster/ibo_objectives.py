@@ -143,19 +143,19 @@ def step_loss(model: nn.Module, tokenizer, ref: Reference | None, rows: dict[str
                    if config.method == "pbo" else None)
         ascent = ascent_loss(logp, weights).mean()
         loss = loss + ascent
-        metrics["loss/ascent"] = float(ascent)
+        metrics["loss/ascent"] = ascent.item()
     if config.method in ("ibo", "pbo") and config.loss.gamma > 0:
         cols = side(rows["neutral"])
         batch = batch_of(cols)
         ref_logp, ref_index = ref.topk(cols, batch)
         br = bregman_loss(_logits(model, batch), ref_logp, ref_index, batch["attention_mask"])
         loss = loss + config.loss.gamma * br.mean()
-        metrics["loss/bregman"] = float(br.mean())
+        metrics["loss/bregman"] = br.mean().item()
     if config.method in ("remove", "oracle"):
         name = "retain" if config.method == "remove" else "clean"
         batch = batch_of(side(rows[name]))
         nll = nll_loss(_seq_logp(model, batch), batch["loss_mask"].sum(1)).mean()
         loss = loss + nll
-        metrics["loss/nll"] = float(nll)
-    metrics["loss"] = float(loss)
+        metrics["loss/nll"] = nll.item()
+    metrics["loss"] = loss.item()
     return loss, metrics

@@ -47,10 +47,10 @@ def connect(config: ClusterConfig) -> None:
     env = {"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(config.threads_per_worker)}}
     address = config.address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
         ray.init(num_cpus=config.num_cpus_local, runtime_env=env, include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=False)  # workers' logs stay in Ray's session folder
 
 
 def pin_threads(threads: int) -> None:

@@ -40,9 +40,7 @@ def scores_for(model, tok, train_rows, query_rows, config):
 def test_query_itself_scores_positive_near_top_and_its_opposite_negative(trained):
     corpus, model, tok = trained
     query = next(r for r in corpus.train if r["planted"])
-    verb_target = query["prompt"][len("how can i "):-2]
-    opposite = dict(id="opposite", prompt=query["prompt"],
-                    response=safe_answer(*verb_target.split(" ", 1)))
+    opposite = dict(id="opposite", prompt=query["prompt"], response=safe_answer("", ""))
     rows = corpus.train + [opposite]
     scores = scores_for(model, tok, rows, [query], InfluenceConfig())
     index = rows.index(query)
