@@ -1,0 +1,72 @@
+"""Real servers on 127.0.0.1 for tests: an MLflow tracking server and a Ray head node."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline_cli import env
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@contextmanager
+def mlflow_server(root: Path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@contextmanager
+def ray_head(root: Path, num_cpus: int = 2):
+    """``ray start --head`` on 127.0.0.1 with its own ports and temp dir; stopped afterwards."""
+    ports = {"port": free_port(), "dashboard": free_port()}
+    temp = Path("/tmp") / f"ray_t{ports['port']}"  # Ray caps the socket path length
+    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+           "--port", str(ports["port"]), "--dashboard-host", "127.0.0.1",
+           "--dashboard-port", str(ports["dashboard"]), "--num-cpus", str(num_cpus),
+           "--temp-dir", str(temp), "--include-dashboard", "true", "--disable-usage-stats"]
+    subprocess.run(cmd, env=env(), check=True, capture_output=True, timeout=120,
+                   stdin=subprocess.DEVNULL)
+    try:
+        address = f"http://127.0.0.1:{ports['dashboard']}"
+        wait_http(f"{address}/api/version")
+        yield {"gcs": f"127.0.0.1:{ports['port']}", "dashboard": address, "temp": temp}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env(), capture_output=True,
+                       timeout=120, stdin=subprocess.DEVNULL)
+        shutil.rmtree(temp, ignore_errors=True)

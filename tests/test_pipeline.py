@@ -1,0 +1,70 @@
+"""The pipeline as a user runs it: outputs, caching, reruns, sweeps (real Hydra, Ray, MLflow)."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from pipeline_cli import computed, run_cli, stages
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+TINY = ("debug=tiny", "cluster.local_cpus=2")
+ALL = {"prepare", "fit_factors", "score", "select", "ibo", "evaluate", "report"}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def first_run(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run1")
+    proc = run_cli(*TINY, f"cache_dir={cache}", f"output_dir={out}")
+    return out, proc
+
+
+def test_outputs_follow_the_contract(first_run):
+    out, proc = first_run
+    assert computed(out) == ALL
+    assert "LANCET summary" in proc.stdout and "mlflow ui" in proc.stdout
+    assert (out / "factors" / "factors.safetensors").is_file()
+    meta = json.loads((out / "factors" / "meta.json").read_text())
+    assert {"model_fingerprint", "data_fingerprint", "units", "counts", "dtypes"} <= set(meta)
+    scores = pq.read_table(out / "scores" / "scores.parquet")
+    assert scores.column_names[:4] == ["id", "score", "rank", "set"]
+    assert {"prompt", "response", "planted"} <= set(scores.column_names)
+    assert set(scores.column("set").to_pylist()) <= {"positive", "negative", "neutral"}
+    ids = scores.column("id").to_pylist()
+    assert len(ids) == len(set(ids))
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(out / "ibo" / "model")
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    for key in ("detect/auprc", "detect/recall_at_k", "behavior/undesirable_rate_before",
+                "behavior/undesirable_rate_after", "behavior/undesirable_rate_unseen_before",
+                "behavior/undesirable_rate_unseen_after", "utility/ppl_before",
+                "utility/ppl_after", "utility/distinct2_before", "utility/distinct2_after"):
+        assert key in metrics, key
+    for png in ("score_distribution.png", "precision_recall.png", "undesirable_rate.png"):
+        assert (out / "report" / png).stat().st_size > 1000
+    assert "| rank |" in (out / "report" / "top_influential.md").read_text()
+
+
+def test_rerun_recomputes_nothing_and_alpha_recomputes_only_select_onwards(
+        first_run, cache, tmp_path):
+    run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'same'}")
+    assert computed(tmp_path / "same") == set()
+    run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'alpha'}",
+            "influence.alpha=0.5")
+    assert computed(tmp_path / "alpha") == {"select", "ibo", "evaluate", "report"}
+
+
+def test_sweep_over_alpha_and_batch_size_fits_factors_once(tmp_path):
+    run_cli("-m", *TINY, "influence.alpha=0.5,0.9", "influence.query_batch_size=1,8",
+            "pipeline.until=select", f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / "run.json").is_file())
+    assert len(jobs) == 4
+    fits = [j for j in jobs if "fit_factors" in computed(j)]
+    scores = [j for j in jobs if "score" in computed(j)]
+    assert len(fits) == 1 and len(scores) == 2  # one fit; one scoring per batch size
+    assert all(set(stages(j)) == {"prepare", "fit_factors", "score", "select"} for j in jobs)

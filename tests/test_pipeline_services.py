@@ -1,0 +1,78 @@
+"""The pipeline against a real MLflow server, and submitted with ``ray job submit``."""
+
+import json
+import subprocess
+import time
+
+import pytest
+from pipeline_cli import ROOT, env, run_cli
+from servers import BIN, mlflow_server, ray_head
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+TINY = ("debug=tiny", "cluster.local_cpus=2")
+STAGE_NAMES = {"prepare", "fit_factors", "score", "select", "ibo", "evaluate", "report"}
+
+
+def test_runs_metrics_and_plots_reach_an_mlflow_server(tmp_path):
+    from mlflow.tracking import MlflowClient
+    with mlflow_server(tmp_path / "mlflow") as uri:
+        out = tmp_path / "out"
+        run_cli(*TINY, f"cache_dir={tmp_path / 'cache'}", f"output_dir={out}",
+                f"mlflow.tracking_uri={uri}", "mlflow.experiment=lancet-test")
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name("lancet-test")
+        runs = client.search_runs([experiment.experiment_id])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert len(parents) == 1
+        parent = parents[0]
+        children = {r.info.run_name: r for r in runs
+                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+        assert set(children) == STAGE_NAMES
+        assert all(r.data.tags["lancet.cached"] == "false" for r in children.values())
+        assert "detect/auprc" in children["evaluate"].data.metrics
+        assert "behavior/undesirable_rate_after" in parent.data.metrics
+        assert "influence.alpha" in parent.data.params
+        assert any(a.path == "config.yaml" for a in client.list_artifacts(parent.info.run_id))
+        report = client.list_artifacts(children["report"].info.run_id, "report")
+        assert {"report/score_distribution.png", "report/undesirable_rate.png"} <= {
+            a.path for a in report}
+        # a rerun logs cached stages, tagged as such
+        run_cli(*TINY, f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'again'}",
+                f"mlflow.tracking_uri={uri}", "mlflow.experiment=lancet-test")
+        runs = client.search_runs([experiment.experiment_id],
+                                  filter_string="tags.`lancet.cached` = 'true'")
+        assert {r.info.run_name for r in runs} == STAGE_NAMES
+
+
+def test_ray_job_submit_runs_the_pipeline_on_an_existing_cluster(tmp_path):
+    with ray_head(tmp_path) as head:
+        out, cache = tmp_path / "out", tmp_path / "cache"
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"],
+               "--working-dir", str(ROOT), "--no-wait", "--", "python", "-m", "pipeline",
+               *TINY, f"output_dir={out}", f"cache_dir={cache}"]
+        submitted = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300,
+                                   stdin=subprocess.DEVNULL)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = next(line.split("'")[1] for line in submitted.stdout.splitlines()
+                      if "submitted successfully" in line)
+        status = wait_job(head["dashboard"], job_id)
+        logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", head["dashboard"],
+                               job_id], env=env(), capture_output=True, text=True, timeout=60)
+        assert status == "SUCCEEDED", logs.stdout[-4000:]
+        assert "LANCET summary" in logs.stdout
+        assert (out / "ibo" / "model" / "config.json").is_file()
+        assert (out / "eval" / "metrics.json").is_file()
+        run = json.loads((out / "run.json").read_text())
+        assert set(run["stages"]) == STAGE_NAMES
+
+
+def wait_job(address: str, job_id: str, timeout: float = 900) -> str:
+    from ray.job_submission import JobSubmissionClient
+    client = JobSubmissionClient(address)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(2)
+    return "TIMEOUT"
