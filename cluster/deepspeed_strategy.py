@@ -55,8 +55,10 @@ class DeepSpeedStrategy:
 
     def load(self, directory: Path) -> int:
         """Resume; returns the number of steps already done."""
-        _, client = self.engine.load_checkpoint(str(directory), tag="state")
-        return int((client or {}).get("step", 0))
+        path, client = self.engine.load_checkpoint(str(directory), tag="state")
+        if path is None:  # DeepSpeed only warns; restarting from zero silently would redo work
+            raise RuntimeError(f"cannot resume: no DeepSpeed checkpoint under {directory}")
+        return int(client["step"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's weights on every rank (gathered under ZeRO-3)."""

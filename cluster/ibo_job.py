@@ -150,7 +150,9 @@ def _checkpoint(strategy, spec: IBOSpec, tokenizer, step: int, metrics: dict) ->
             _save_model(strategy.engine.module, state, spec, tokenizer, Path(tmp) / MODEL_DIR)
         if rank == 0:
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # One name for every rank's part, so Ray Train merges them into one checkpoint.
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
 
 
 def _save_model(module, state, spec: IBOSpec, tokenizer, out: Path) -> None:

@@ -1,0 +1,118 @@
+"""The IBO job on a real local Ray with 2 CPU workers (DeepSpeed ZeRO-0 on gloo)."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+from demo_assets import save_demo_model
+
+from cluster.batches import TokenizeConfig
+from cluster.datasets import read_prepared
+from cluster.factor_job import FactorSpec, fit_factors
+from cluster.ibo_job import IBOSpec, run_ibo
+from cluster.ibo_objectives import METHOD_DATASETS, ObjectiveConfig
+from cluster.model_io import load_model, load_tokenizer
+from cluster.runtime import ClusterConfig
+from cluster.scoring import ScoreSpec, finalize, precondition, score_corpus
+from cluster.selection_io import write_selection
+from operators.generation import greedy_generate
+from operators.selection import SelectionConfig
+from pipeline.demo.corpus import JUDGE_PATTERNS
+from pipeline.evaluation import behaviour, clean_perplexity
+from pipeline.judge import Judge, JudgeConfig
+from pipeline.specs import PROJECT
+
+pytestmark = pytest.mark.ray
+CLUSTER = ClusterConfig(num_workers=2, cpus_per_worker=0.5, batch_size=16)
+TOKENS = TokenizeConfig(max_length=64)
+JUDGE = Judge(JudgeConfig(patterns=tuple(JUDGE_PATTERNS)))
+
+
+@pytest.fixture(scope="module")
+def selected(tmp_path_factory):
+    """A demo model with its behaviour, scored and selected (LinFAC, α = 0.8)."""
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    root = tmp_path_factory.mktemp("ibo")
+    corpus, model_dir, train = save_demo_model(root, epochs=20, width=64)
+    fit_factors(read_prepared(train, CLUSTER), FactorSpec(str(model_dir), tokenize=TOKENS),
+                CLUSTER, root / "factors", root / "ray")
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    outputs = greedy_generate(model, tok, corpus.planted_prompts)
+    queries = [dict(id=str(i), prompt=p, response=o) for i, (p, o) in
+               enumerate(zip(corpus.planted_prompts, outputs)) if JUDGE.flags([o])[0]]
+    spec = ScoreSpec(str(model_dir), tokenize=TOKENS)
+    score_corpus(read_prepared(train, CLUSTER), spec, precondition(spec, queries, root / "factors"),
+                 CLUSTER, root / "raw")
+    finalize(root / "raw", root / "ranked.parquet", "max")
+    write_selection(root / "ranked.parquet", SelectionConfig(), root / "scores", root / "select",
+                    "planted")
+    yield corpus, model_dir, root
+    ray.shutdown()
+
+
+def ibo_spec(model_dir, method="ibo", **kw):
+    return IBOSpec(model_path=str(model_dir),
+                   deepspeed_config=str(PROJECT / "conf/deepspeed/zero0.json"),
+                   objective=ObjectiveConfig(method=method, tokenize=TOKENS), **kw)
+
+
+def run(root, spec, name):
+    datasets = {n: read_prepared(root / "select" / f"{n}.parquet", CLUSTER)
+                for n in METHOD_DATASETS[spec.objective.method]}
+    return run_ibo(datasets, spec, CLUSTER, root / name, root / "ray")
+
+
+def test_ibo_lowers_the_undesirable_rate_and_keeps_perplexity(selected):
+    corpus, model_dir, root = selected
+    metrics = run(root, ibo_spec(model_dir, steps=30, checkpoint_every=10), "ibo")
+    tok = load_tokenizer(model_dir)
+    before_model, after_model = load_model(model_dir), load_model(root / "ibo" / "model")
+    before = behaviour(before_model, tok, corpus.eval_prompts, JUDGE, 24, 64)
+    after = behaviour(after_model, tok, corpus.eval_prompts, JUDGE, 24, 64)
+    ppl_before = clean_perplexity(before_model, tok, corpus.clean_eval, 64)
+    ppl_after = clean_perplexity(after_model, tok, corpus.clean_eval, 64)
+    print(f"ibo: seen {before['rate_seen']:.3f} -> {after['rate_seen']:.3f}, unseen "
+          f"{before['rate_unseen']:.3f} -> {after['rate_unseen']:.3f}, ppl {ppl_before:.3f} -> "
+          f"{ppl_after:.3f}, step {metrics['step_seconds'] * 1000:.0f} ms")
+    assert before["rate_seen"] >= 0.5
+    assert after["rate_seen"] <= 0.5 * before["rate_seen"]
+    assert abs(ppl_after / ppl_before - 1) <= 0.10
+    assert metrics["rewards/accuracies"] > 0.5 and metrics["step"] == 30
+
+
+def ray_train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint(selected):
+    corpus, model_dir, root = selected
+    storage = root / "ray"
+    before = set(storage.glob("ibo_*"))
+    killed = []
+
+    def killer():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            runs = [p for p in storage.glob("ibo_*") if p not in before]
+            # kill once Ray Train has registered a checkpoint (its snapshot file exists)
+            if runs and (runs[0] / "checkpoint_manager_snapshot.json").is_file():
+                pids = ray_train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    metrics = run(root, ibo_spec(model_dir, steps=60, checkpoint_every=5, batch_size=4),
+                  "resumed")
+    thread.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert metrics["step"] == 60
+    assert metrics["resumed_from"] >= 5  # not redone from zero
+    assert (root / "resumed" / "model" / "model.safetensors").is_file()
