@@ -116,3 +116,28 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(selected):
     assert metrics["step"] == 60
     assert metrics["resumed_from"] >= 5  # not redone from zero
     assert (root / "resumed" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["pbo", "ga", "remove", "oracle"])
+def test_baselines_run_through_the_same_job(selected, method):
+    corpus, model_dir, root = selected
+    spec = ibo_spec(model_dir, method, steps=4, checkpoint_every=2, reinit=method == "oracle")
+    metrics = run(root, spec, f"baseline_{method}")
+    assert metrics["step"] == 4
+    key = {"pbo": "loss/ascent", "ga": "loss/ascent", "remove": "loss/nll",
+           "oracle": "loss/nll"}[method]
+    assert key in metrics
+    load_model(root / f"baseline_{method}" / "model")
+
+
+def test_lora_corrects_through_adapters_and_saves_a_merged_model(selected):
+    from cluster.ibo_job import LoraSpec
+    corpus, model_dir, root = selected
+    spec = ibo_spec(model_dir, steps=4, checkpoint_every=4, lr=5e-3,
+                    lora=LoraSpec(enabled=True, r=4, alpha=8, save="merged"))
+    run(root, spec, "lora")
+    merged = load_model(root / "lora" / "model")
+    base = load_model(model_dir)
+    changed = [n for (n, p), (_, q) in zip(merged.named_parameters(), base.named_parameters())
+               if p.shape == q.shape and not bool((p == q).all())]
+    assert changed and not any("lora" in n for n, _ in merged.named_parameters())
