@@ -23,7 +23,7 @@ from cluster.allreduce import allreduce_sum, world
 from cluster.batches import TokenizeConfig, to_tensors
 from cluster.model_io import load_model, load_tokenizer
 from cluster.runtime import ClusterConfig, device_for, pin_threads
-from operators.curvature import Curvature, covariance_pass, lambda_pass
+from operators.curvature import NONFINITE, Curvature, covariance_pass, lambda_pass
 from operators.factors import DampingConfig, eigendecompose
 from operators.units import Unit, discover_units
 
@@ -51,7 +51,7 @@ def zero_stats(units: list[Unit], which: str) -> dict[str, torch.Tensor]:
     """All-zero sums, so a worker with an empty shard still joins the all-reduce."""
     z = torch.zeros
     if which == "covariance":
-        out = {}
+        out = {NONFINITE: z(1, dtype=torch.float64)}
         for u in units:
             i, o = u.shape[1], u.shape[0]
             out.update({f"{u.name}/a_sum": z(i, i, dtype=torch.float64),
@@ -59,9 +59,11 @@ def zero_stats(units: list[Unit], which: str) -> dict[str, torch.Tensor]:
                         f"{u.name}/s_sum": z(o, o, dtype=torch.float64),
                         f"{u.name}/s_count": z(1, dtype=torch.float64)})
         return out
-    return {k: v for u in units for k, v in (
+    out = {NONFINITE: z(1, dtype=torch.float64)}
+    out.update({k: v for u in units for k, v in (
         (f"{u.name}/lambda_sum", z(*u.shape, dtype=torch.float64)),
-        (f"{u.name}/lambda_count", z(1, dtype=torch.float64)))}
+        (f"{u.name}/lambda_count", z(1, dtype=torch.float64)))})
+    return out
 
 
 def _shard_batches(shard, tokenizer, spec: FactorSpec, batch_size: int, device: str, counter):
@@ -108,6 +110,7 @@ def _report(curvature, stats, lam, units, counter, seconds) -> None:
     metrics = {"sequences": float(totals["sequences"][0]) / (2 if lam is not None else 1),
                "tokens": float(totals["tokens"][0]) / (2 if lam is not None else 1),
                "seconds": seconds, "workers": size}
+    metrics["nonfinite_sequences"] = float(stats[NONFINITE][0])
     metrics["sequences_per_s"] = metrics["sequences"] / max(seconds, 1e-9)
     metrics["tokens_per_s"] = metrics["tokens"] / max(seconds, 1e-9)
     if rank != 0:

@@ -40,12 +40,18 @@ class ClusterConfig:
 
 
 def connect(config: ClusterConfig) -> None:
-    """``ray.init`` unless already connected (so ``ray job submit`` and local runs share code)."""
+    """``ray.init`` unless already connected (so ``ray job submit`` and local runs share code).
+
+    A local Ray started here listens on 127.0.0.1 only (Ray's single-machine mode, read when
+    Ray is first imported) and runs no dashboard.
+    """
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     if ray.is_initialized():
         return
     env = {"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(config.threads_per_worker)}}
-    address = config.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:

@@ -79,12 +79,34 @@ def covariance_pass(model: nn.Module, units: list[Unit], batches: Iterable[dict[
     for batch in batches:
         cap = capture_pass(model, units, batch, sampled=fisher == "sampled", generator=generator)
         mask = batch["attention_mask"]
-        part: FactorDict = {}
+        pairs = {u.name: (cap.kappa(u, mask), cap.output_grad(u, mask)) for u in units}
+        keep = finite_rows([t for pair in pairs.values() for t in pair])
+        mask = mask * keep.unsqueeze(1)
+        part: FactorDict = {NONFINITE: (~keep).sum().double().reshape(1)}
         for unit in units:
-            part.update(covariance_stats(cap.kappa(unit, mask), cap.output_grad(unit, mask),
-                                         unit.name, mask))
+            kappa, grad = (_zero_rows(t, keep) for t in pairs[unit.name])
+            part.update(covariance_stats(kappa, grad, unit.name, mask))
         total = merge(total, part)
     return total
+
+
+NONFINITE = "_nonfinite/sequences"
+
+
+def finite_rows(tensors: list[Tensor]) -> Tensor:
+    """``[B]`` bool: the sequences whose captured tensors are all finite.
+
+    A NaN or infinite value (a corrupt sample, an overflow) is dropped from the statistics and
+    counted instead of poisoning the factors of every unit.
+    """
+    keep = torch.ones(tensors[0].shape[0], dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        keep &= torch.isfinite(t).flatten(1).all(dim=1)
+    return keep
+
+
+def _zero_rows(t: Tensor, keep: Tensor) -> Tensor:
+    return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros_like(t))
 
 
 def lambda_pass(model: nn.Module, units: list[Unit], eigens: dict[str, Eigen],
@@ -96,9 +118,10 @@ def lambda_pass(model: nn.Module, units: list[Unit], eigens: dict[str, Eigen],
     for batch in batches:
         grads = batch_gradients(model, units, batch, sampled=fisher == "sampled",
                                 generator=generator)
-        part: FactorDict = {}
+        keep = finite_rows(list(grads.values()))
+        part: FactorDict = {NONFINITE: (~keep).sum().double().reshape(1)}
         for unit in units:
-            part.update(lambda_stats(grads[unit.name], unit.name, eigens[unit.name]))
+            part.update(lambda_stats(grads[unit.name][keep], unit.name, eigens[unit.name]))
         total = merge(total, part)
     return total
 

@@ -1,0 +1,77 @@
+"""Bad input through `python -m pipeline`: exit code 2, the key or file named, earlier work kept."""
+
+import json
+
+import pytest
+from demo_assets import save_demo_model
+from pipeline_cli import computed, run_cli
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+BASE = ("cluster.local_cpus=2", "model.max_length=64")
+
+
+@pytest.fixture(scope="module")
+def user_project(tmp_path_factory):
+    """A user's own model directory and JSONL data (made from the demo, used as plain files)."""
+    root = tmp_path_factory.mktemp("user")
+    corpus, model_dir, _ = save_demo_model(root, epochs=20, width=32)
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus.train))
+    bad = [r for r in corpus.train if r["planted"]][:6]
+    (root / "queries.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "prompt": r["prompt"], "response": r["response"]}) + "\n"
+        for i, r in enumerate(bad)))
+    (root / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in corpus.eval_prompts))
+    args = (*BASE, "model=hf", f"model.path={model_dir}", "data=custom",
+            f"data.train={root / 'train.jsonl'}", f"data.queries={root / 'queries.jsonl'}",
+            f"data.eval={root / 'eval.jsonl'}", "judge=keyword",
+            "judge.patterns=[hide the evidence]", f"cache_dir={root / 'cache'}")
+    return root, args
+
+
+@pytest.mark.parametrize("override,message", [
+    ("influence.alpha=1.5", "influence.alpha=1.5: must be in (0, 1]"),
+    ("influence.alpha=0", "influence.alpha=0.0: must be in (0, 1]"),
+    ("influence.query_batch_size=0", "influence.query_batch_size=0: must be >= 1"),
+    ("influence.method=lissa", "influence.method='lissa'"),
+    ("ibo.method=dpo", "ibo.method='dpo'"),
+    ("model.dtype=int8", "model.dtype='int8'"),
+])
+def test_bad_config_value_names_the_key(override, message, tmp_path):
+    proc = run_cli(*BASE, override, f"cache_dir={tmp_path}", f"output_dir={tmp_path / 'o'}",
+                   check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert not any(tmp_path.glob("prepare/*"))  # refused before any stage ran
+
+
+def test_bad_rows_in_user_data_name_file_row_and_column(user_project, tmp_path):
+    root, args = user_project
+    bad = tmp_path / "train.jsonl"
+    lines = (root / "train.jsonl").read_text().splitlines()
+    row = json.loads(lines[4])
+    row["prompt"] = None
+    lines[4] = json.dumps(row)
+    bad.write_text("\n".join(lines) + "\n")
+    proc = run_cli(*args, f"data.train={bad}", f"output_dir={tmp_path / 'o'}", check=False)
+    assert proc.returncode == 2
+    assert f"{bad}, line 5, column 'prompt': null or empty" in proc.stderr
+
+
+def test_missing_model_directory(user_project, tmp_path):
+    root, args = user_project
+    proc = run_cli(*args, f"model.path={tmp_path / 'none'}", f"output_dir={tmp_path / 'o'}",
+                   check=False)
+    assert proc.returncode == 2 and "no such directory" in proc.stderr
+
+
+def test_a_failing_stage_keeps_earlier_work_and_a_rerun_reuses_it(user_project, tmp_path):
+    root, args = user_project
+    run_cli(*args, "pipeline.until=select", f"output_dir={tmp_path / 'good'}")
+    assert computed(tmp_path / "good") >= {"prepare", "fit_factors", "score", "select"}
+    # oracle needs ground truth the user's data does not have: the ibo stage refuses
+    proc = run_cli(*args, "ibo=oracle", f"output_dir={tmp_path / 'bad'}", check=False)
+    assert proc.returncode == 2 and "ibo.method=oracle needs ['clean']" in proc.stderr
+    assert not list((root / "cache" / "ibo").glob("*/stage.json"))
+    assert not list((root / "cache" / "ibo").glob(".*tmp*"))  # nothing half-written
+    run_cli(*args, "pipeline.until=select", f"output_dir={tmp_path / 'again'}")
+    assert computed(tmp_path / "again") == set()
