@@ -67,15 +67,19 @@ class Capture:
             x = torch.bmm(record.attention.to(x.dtype), x)
         if unit.bias:
             x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-        return x * token_mask.unsqueeze(-1).to(x.dtype)
+        return _masked(x, token_mask)
 
     def output_grad(self, unit: Unit, token_mask: Tensor) -> Tensor:
         """Ds ``[B, T, d_out]``, zeroed where ``token_mask`` is 0."""
         grad = self.records[unit.name].output_grad
         if grad is None:
             raise RuntimeError(f"unit {unit.name} received no gradient: call backward first")
-        grad = grad.reshape(*token_mask.shape, -1)
-        return grad * token_mask.unsqueeze(-1).to(grad.dtype)
+        return _masked(grad.reshape(*token_mask.shape, -1), token_mask)
+
+
+def _masked(t: Tensor, token_mask: Tensor) -> Tensor:
+    """Zero the masked positions (``where``, not a product: padding may hold NaN or inf)."""
+    return torch.where(token_mask.unsqueeze(-1).bool(), t, torch.zeros_like(t))
 
 
 def _input_hook(record: UnitRecord):

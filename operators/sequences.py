@@ -98,7 +98,8 @@ def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
 
 def sequence_log_probs(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
     """log p(y | x) summed over the masked tokens: ``[B]``."""
-    return (token_log_probs(logits, input_ids) * loss_mask.to(logits.dtype)).sum(dim=1)
+    picked = token_log_probs(logits, input_ids)
+    return torch.where(loss_mask.bool(), picked, torch.zeros_like(picked)).sum(dim=1)
 
 
 def sample_labels(logits: Tensor, generator: torch.Generator | None = None,

@@ -16,8 +16,8 @@ from transformers import (
 VOCAB = 40
 
 
-def tiny_config(family: str, width: int = 16, layers: int = 2):
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+def tiny_config(family: str, width: int = 16, layers: int = 2, **extra):
+    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, **extra)
     if family == "gpt2":
         return GPT2Config(n_embd=width, n_layer=layers, n_head=2, n_positions=64,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)

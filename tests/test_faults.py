@@ -1,0 +1,147 @@
+"""Faults on a real local Ray: killed workers, killed scorers, a killed driver, failed writes."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from demo_assets import save_demo_model
+from pipeline_cli import ROOT, computed, env, run_cli
+
+from cluster.batches import TokenizeConfig
+from cluster.dataio import write_parquet_atomic
+from cluster.datasets import read_prepared
+from cluster.factor_job import FactorSpec, fit_factors, load_curvature
+from cluster.runtime import ClusterConfig
+from cluster.scoring import ScoreSpec, finalize, precondition, score_corpus
+
+pytestmark = pytest.mark.ray
+CLUSTER = ClusterConfig(num_workers=2, cpus_per_worker=0.5, batch_size=4)
+TOKENS = TokenizeConfig(max_length=64)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    root = tmp_path_factory.mktemp("faults")
+    corpus, model_dir, train = save_demo_model(root, epochs=6, width=32)
+    big = [{**r, "id": f"{r['id']}-{k}"} for k in range(4) for r in corpus.train]
+    write_parquet_atomic(big, root / "big.parquet")
+    yield corpus, model_dir, root
+    ray.shutdown()
+
+
+def processes(title: str) -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if title in line]
+
+
+def kill_when(title: str, ready=lambda: True, delay: float = 0.5, timeout: float = 240):
+    """Start a thread that SIGKILLs the newest process whose title contains ``title``."""
+    killed: list[int] = []
+
+    def run():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            pids = processes(title)
+            if pids and ready():
+                time.sleep(delay)
+                pids = processes(title)
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return killed, thread
+
+
+def fit(assets, out):
+    corpus, model_dir, root = assets
+    spec = FactorSpec(str(model_dir), dtype="float64", tokenize=TOKENS)
+    fit_factors(read_prepared(root / "big.parquet", CLUSTER), spec, CLUSTER, out, root / "ray")
+    return load_curvature(out)[0]
+
+
+def test_a_worker_killed_during_factor_fitting_is_retried_to_the_same_factors(assets):
+    root = assets[2]
+    calm = fit(assets, root / "calm")
+    killed, thread = kill_when("RayTrainWorker", delay=4.0)
+    disturbed = fit(assets, root / "disturbed")
+    thread.join(timeout=5)
+    assert killed, "no factor worker was killed"
+    for name in calm.eigens:
+        torch.testing.assert_close(disturbed.lambdas[name], calm.lambdas[name], rtol=1e-9,
+                                   atol=1e-12)
+
+
+def test_a_scoring_actor_killed_mid_stream_still_scores_every_id_once(assets):
+    corpus, model_dir, root = assets
+    spec = ScoreSpec(str(model_dir), tokenize=TOKENS)
+    fit(assets, root / "factors") if not (root / "factors").exists() else None
+    queries = [r for r in corpus.train if r["planted"]][:4]
+    features = precondition(spec, queries, root / "factors")
+    raw = root / "raw"
+    killed, thread = kill_when("MapBatches(Scorer)",
+                               ready=lambda: raw.exists() and any(raw.glob("*.parquet")),
+                               delay=0.0)
+    score_corpus(read_prepared(root / "big.parquet", CLUSTER), spec, features, CLUSTER, raw)
+    thread.join(timeout=5)
+    finalize(raw, root / "ranked.parquet", "max")
+    assert killed, "no scoring actor was killed"
+    ids = pq.read_table(root / "ranked.parquet", columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 4 * len(corpus.train)
+
+
+def test_a_failed_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq_module
+    target = tmp_path / "out.parquet"
+
+    def broken(table, where, **kw):
+        open(where, "wb").write(b"PAR1 half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pq_module, "write_table", broken)
+    with pytest.raises(OSError):
+        write_parquet_atomic([{"id": "a"}], target)
+    assert not target.exists()
+
+
+def test_a_stage_that_fails_half_way_leaves_no_output(tmp_path):
+    from pipeline.dag import Stage, run_stage
+
+    def half(ctx):
+        (ctx.out / "part.bin").write_bytes(b"x" * 10)
+        raise RuntimeError("killed half-way")
+
+    stage = Stage("half", half, (), (), "half")
+    with pytest.raises(RuntimeError):
+        run_stage(stage, None, {}, "fp", tmp_path, print)
+    assert list((tmp_path / "half").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_killed_driver_reruns_skipping_finished_stages(tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    args = [sys.executable, "-m", "pipeline", "debug=tiny", "cluster.local_cpus=2",
+            f"cache_dir={cache}", f"output_dir={out}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list((cache / "fit_factors").glob("*/stage.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait(timeout=60)
+    assert list((cache / "fit_factors").glob("*/stage.json")), "fit_factors never finished"
+    run_cli("debug=tiny", "cluster.local_cpus=2", f"cache_dir={cache}",
+            f"output_dir={tmp_path / 'rerun'}")
+    assert computed(tmp_path / "rerun") == {"score", "select", "ibo", "evaluate", "report"}
