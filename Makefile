@@ -13,7 +13,9 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
-PYTEST_ARGS ?=
+# DeepSpeed JIT-builds a CPU op; keep its cache per venv (two venvs sharing one rebuild it endlessly)
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: help install demo test test-fast bench bench-quick lint clean
 

@@ -19,3 +19,13 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """One `python -m pipeline debug=tiny` run, shared: its cache lets later runs reuse stages."""
+    from pipeline_cli import run_cli
+    cache = tmp_path_factory.mktemp("shared_cache")
+    out = tmp_path_factory.mktemp("tiny_run")
+    proc = run_cli("debug=tiny", "cluster.local_cpus=2", f"cache_dir={cache}", f"output_dir={out}")
+    return cache, out, proc

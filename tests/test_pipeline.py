@@ -12,15 +12,13 @@ ALL = {"prepare", "fit_factors", "score", "select", "ibo", "evaluate", "report"}
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache(tiny_pipeline):
+    return tiny_pipeline[0]
 
 
 @pytest.fixture(scope="module")
-def first_run(cache, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run1")
-    proc = run_cli(*TINY, f"cache_dir={cache}", f"output_dir={out}")
-    return out, proc
+def first_run(tiny_pipeline):
+    return tiny_pipeline[1], tiny_pipeline[2]
 
 
 def test_outputs_follow_the_contract(first_run):

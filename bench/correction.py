@@ -1,0 +1,60 @@
+"""Correction quality per method (through the Ray Train + DeepSpeed job) and the step-time ratio."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cluster.batches import TokenizeConfig
+from cluster.dataio import write_parquet_atomic
+from cluster.datasets import read_prepared
+from cluster.ibo_job import IBOSpec, run_ibo
+from cluster.ibo_objectives import METHOD_DATASETS, ObjectiveConfig
+from cluster.model_io import load_model, load_tokenizer
+from cluster.runtime import ClusterConfig
+from cluster.selection_io import write_selection
+from pipeline.evaluation import behaviour, clean_perplexity
+from pipeline.judge import Judge, JudgeConfig
+from pipeline.specs import PROJECT
+
+CLUSTER = ClusterConfig(num_workers=2, cpus_per_worker=0.5, batch_size=16)
+TOKENS = TokenizeConfig(max_length=64)
+
+
+def save(model, tok, rows, root: Path):
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    write_parquet_atomic(rows, root / "train.parquet")
+    return root / "model"
+
+
+def select_from_scores(rows, scores, root: Path, alpha=0.8):
+    from operators.selection import SelectionConfig
+    table = [{**r, "score": float(s), "rank": 0} for r, s in zip(rows, scores)]
+    write_parquet_atomic(table, root / "ranked.parquet")
+    return write_selection(root / "ranked.parquet", SelectionConfig(alpha=alpha), root / "scores",
+                           root / "select", "planted")
+
+
+def evaluate(model_dir, base_dir, corpus, patterns) -> dict:
+    tok = load_tokenizer(base_dir)
+    model = load_model(model_dir)
+    judge = Judge(JudgeConfig(patterns=tuple(patterns)))
+    b = behaviour(model, tok, corpus.eval_prompts, judge, 24, 64)
+    return {"seen": b["rate_seen"], "unseen": b["rate_unseen"], "distinct2": b["distinct2"],
+            "ppl": clean_perplexity(model, tok, corpus.clean_eval, 64)}
+
+
+def correct(model_dir, root: Path, method: str, name: str, **kw) -> dict:
+    spec = IBOSpec(model_path=str(model_dir),
+                   deepspeed_config=str(PROJECT / "conf/deepspeed/zero0.json"),
+                   objective=ObjectiveConfig(method=method, tokenize=TOKENS), **kw)
+    datasets = {n: read_prepared(root / "select" / f"{n}.parquet", CLUSTER)
+                for n in METHOD_DATASETS[method]}
+    metrics = run_ibo(datasets, spec, CLUSTER, root / name, root / "ray")
+    (root / name / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
+BASELINE_SETTINGS = {"ibo": {}, "pbo": {}, "ga": {"lr": 1e-4}, "remove": {},
+                     "oracle": {"reinit": True, "steps": 200, "lr": 3e-3}}

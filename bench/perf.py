@@ -1,0 +1,139 @@
+"""Performance ratios: memory of the curvature, scoring vs training, batched queries, workers,
+peak RSS against corpus size, IBO step time, and the sweep's reuse of fit_factors."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.recall import batches
+from operators.curvature import fit_curvature
+from operators.scores import InfluenceConfig, precondition_queries, score_batch
+from operators.sequences import sequence_losses
+from operators.units import discover_units
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def curvature_floats(d: int, f: int, layers: int, kind: str, gated: bool = False) -> int:
+    """Floats held by the eigenbases + Λ of one model (A: (i+1)², S: o², Λ: o(i+1))."""
+    def unit(i, o):
+        return (i + 1) ** 2 + o ** 2 + o * (i + 1)
+    if kind == "linfac":
+        return layers * 2 * unit(d, d)
+    attn = 4 * unit(d, d)  # q, k, v, o
+    mlp = [unit(d, f), unit(d, f), unit(f, d)] if gated else [unit(d, f), unit(f, d)]
+    return layers * (attn + sum(mlp))
+
+
+def memory_ratios(model) -> dict:
+    def measured(kind):
+        units = discover_units(model, kind)
+        return sum((u.shape[1] ** 2 + u.shape[0] ** 2 + u.shape[0] * u.shape[1]) for u in units)
+    return {
+        "tiny (measured units)": measured("linfac") / measured("ekfac"),
+        "GPT-2 small (d=768, f=3072, 12 layers)": curvature_floats(768, 3072, 12, "linfac")
+        / curvature_floats(768, 3072, 12, "ekfac"),
+        "Llama-2-7B (d=4096, f=11008, 32 layers)": curvature_floats(4096, 11008, 32, "linfac")
+        / curvature_floats(4096, 11008, 32, "ekfac", gated=True),
+    }
+
+
+def timed(fn, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        began = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def scoring_vs_training(model, tok, rows, queries) -> dict:
+    data = batches(tok, rows, size=16)
+    units = discover_units(model, "linfac")
+    curv = fit_curvature(model, units, data[:4])
+    one = precondition_queries(model, units, batches(tok, queries[:1]), InfluenceConfig(), curv)
+    many = precondition_queries(model, units, batches(tok, (queries * 32)[:32]),
+                                InfluenceConfig(query_batch_size=32), curv)
+    single = precondition_queries(model, units, batches(tok, (queries * 32)[:32]),
+                                  InfluenceConfig(query_batch_size=1), curv)
+
+    def epoch():
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        for b in data:
+            opt.zero_grad()
+            sequence_losses(model, b).sum().backward()
+
+    def scoring(features):
+        return lambda: [score_batch(model, units, b, features, InfluenceConfig()) for b in data]
+
+    t_epoch, t_one = timed(epoch), timed(scoring(one))
+    return {"scoring pass ÷ training epoch": t_one / t_epoch,
+            "32 queries at B=32 ÷ 1 query": timed(scoring(many)) / t_one,
+            "32 queries at B=1 ÷ 1 query": timed(scoring(single)) / t_one}
+
+
+RSS_SCRIPT = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(1)
+from bench.recall import batches
+from bench.scenarios import scenario
+from operators.curvature import fit_curvature
+from operators.scores import InfluenceConfig, precondition_queries, score_batch
+from operators.units import discover_units
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({model!r}, attn_implementation="eager").eval()
+tok = AutoTokenizer.from_pretrained({model!r})
+corpus, _ = scenario("harm", 0.1)
+units = discover_units(model, "linfac")
+curv = fit_curvature(model, units, batches(tok, corpus.train[:64]))
+feats = precondition_queries(model, units, batches(tok, corpus.train[:4]), InfluenceConfig(), curv)
+rows = corpus.train * {factor}
+kept = 0
+for start in range(0, len(rows), 32):  # streamed like a scoring actor: one batch at a time
+    b = batches(tok, rows[start:start + 32])[0]
+    kept += score_batch(model, units, b, feats, InfluenceConfig()).shape[0]
+print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, kept)
+"""
+
+
+def peak_rss(model_dir: Path) -> dict:
+    out = {}
+    for factor in (1, 10):
+        code = RSS_SCRIPT.format(root=str(ROOT), model=str(model_dir), factor=factor)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=1800)
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RSS"))
+        out[factor] = int(line.split()[1]) / 1024  # MiB
+    return {"peak RSS 1× (MiB)": out[1], "peak RSS 10× (MiB)": out[10],
+            "peak RSS 10× ÷ 1×": out[10] / out[1]}
+
+
+def sweep_reuse(tmp: Path) -> dict:
+    env_cmd = [sys.executable, "-m", "pipeline"]
+    common = ["debug=tiny", "cluster.local_cpus=2", "pipeline.until=select", "pipeline.summary=false"]
+    began = time.perf_counter()
+    subprocess.run(env_cmd + common + [f"cache_dir={tmp / 'single'}", f"output_dir={tmp / 's'}"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=1800)
+    single = time.perf_counter() - began
+    began = time.perf_counter()
+    subprocess.run(env_cmd + ["-m", *common, "influence.alpha=0.5,0.8,0.95",
+                              "influence.query_batch_size=1,8", f"cache_dir={tmp / 'sweep'}",
+                              f"hydra.sweep.dir={tmp / 'sweep_out'}"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=3600)
+    swept = time.perf_counter() - began
+    fits = sum(not json.loads((job / "run.json").read_text())["stages"]["fit_factors"]["cached"]
+               for job in (tmp / "sweep_out").iterdir() if (job / "run.json").is_file())
+    return {"fit_factors runs in a 3×2 sweep": fits, "sweep time ÷ single run": swept / single,
+            "single run (s)": single, "sweep (s)": swept}
+
+
+def max_rss_self() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,136 @@
+"""Recall quality per method, single vs batched queries, kronfluence as an external EK-FAC."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import tempfile
+import time
+
+import torch
+
+from operators.curvature import fit_curvature
+from operators.generation import greedy_generate
+from operators.metrics import auprc, recall_at_k
+from operators.scores import InfluenceConfig, aggregate, precondition_queries, score_batch
+from operators.sequences import collate, encode, sequence_losses
+from operators.units import discover_units
+from pipeline.demo.model import TinyModelConfig, train_demo_model
+from pipeline.judge import Judge, JudgeConfig
+
+METHODS = [("linfac", "dot"), ("ekfac", "dot"), ("kfac", "dot"), ("gradsim", "dot"),
+           ("gradsim", "cosine"), ("repsim", "dot")]
+
+
+def batches(tok, rows, size=32, context=64):
+    enc = [encode(tok, r["prompt"], r["response"], context) for r in rows]
+    return [collate(enc[i:i + size], tok.pad_token_id) for i in range(0, len(enc), size)]
+
+
+def trained(corpus, patterns, epochs=20, width=64, seed=0):
+    model, tok = train_demo_model(corpus.train, [e["prompt"] for e in corpus.eval_prompts],
+                                  TinyModelConfig(width=width, epochs=epochs, seed=seed))
+    model.set_attn_implementation("eager")
+    judge = Judge(JudgeConfig(patterns=patterns))
+    outs = greedy_generate(model, tok, corpus.planted_prompts)
+    queries = [dict(id=f"q{i}", prompt=p, response=o)
+               for i, (p, o, f) in enumerate(zip(corpus.planted_prompts, outs, judge.flags(outs)))
+               if f]
+    return model, tok, queries
+
+
+def score(model, tok, train_rows, queries, config: InfluenceConfig):
+    """(raw scores [N, Q], fit seconds, score seconds)."""
+    units = discover_units(model, config.unit_method) if config.method != "repsim" else []
+    data = batches(tok, train_rows)
+    began = time.perf_counter()
+    curv = (fit_curvature(model, units, data, corrected=config.method != "kfac")
+            if config.uses_curvature else None)
+    fitted = time.perf_counter()
+    feats = precondition_queries(model, units, batches(tok, queries), config, curv)
+    raw = torch.cat([score_batch(model, units, b, feats, config) for b in data])
+    return raw, fitted - began, time.perf_counter() - fitted
+
+
+def quality(scores, labels) -> dict:
+    s = scores.tolist()
+    return {"auprc": auprc(s, labels), "recall_at_k": recall_at_k(s, labels)}
+
+
+def recall_table(model, tok, corpus, queries, batch_sizes=(1,)) -> list[dict]:
+    labels = [r["planted"] for r in corpus.train]
+    rows = []
+    for method, sim in METHODS:
+        for b in batch_sizes:
+            cfg = InfluenceConfig(method=method, similarity=sim,
+                                  query_batch_size=len(queries) if b == "all" else b)
+            raw, fit_s, score_s = score(model, tok, corpus.train, queries, cfg)
+            for how in ("max", "mean"):
+                rows.append({"method": f"{method}" + (f"-{sim}" if method == "gradsim" else ""),
+                             "B": b, "aggregate": how, **quality(aggregate(raw, how), labels),
+                             "fit_s": fit_s, "score_s": score_s})
+    rnd = random.Random(0)
+    rows.append({"method": "random", "B": "-", "aggregate": "-",
+                 **quality(torch.tensor([rnd.random() for _ in labels]), labels),
+                 "fit_s": 0.0, "score_s": 0.0})
+    return rows
+
+
+def kronfluence_run(model, tok, corpus, queries, strategy: str) -> dict:
+    """kronfluence's EK-FAC/KFAC on the same model (Conv1D → Linear) and data, B = 1, max."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    names = [u.name for u in discover_units(model, "ekfac")]
+
+    class LM(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            return sequence_losses(model, batch, sampled=sample).sum()
+
+        def compute_measurement(self, batch, model):
+            return sequence_losses(model, batch).sum()
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+        def get_influence_tracked_modules(self):
+            return names
+
+    def dataset(rows):
+        enc = [encode(tok, r["prompt"], r["response"], 64) for r in rows]
+        b = collate(enc, tok.pad_token_id)
+        return [{k: v[i] for k, v in b.items() if k != "prompt_last"} for i in range(len(rows))]
+
+    ref = prepare_model(_linear_copy(model), LM())
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        analyzer = Analyzer("bench", ref, LM(), cpu=True, disable_tqdm=True, output_dir=tmp,
+                            log_level=logging.WARNING)
+        analyzer.fit_all_factors("f", dataset(corpus.train), per_device_batch_size=32,
+                                 factor_args=FactorArguments(strategy=strategy),
+                                 overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores("s", "f", dataset(queries), dataset(corpus.train),
+                                         per_device_query_batch_size=8,
+                                         per_device_train_batch_size=32,
+                                         score_args=ScoreArguments(), overwrite_output_dir=True)
+        raw = analyzer.load_pairwise_scores("s")["all_modules"].T.double()
+    seconds = time.perf_counter() - began
+    labels = [r["planted"] for r in corpus.train]
+    return {"method": f"kronfluence-{strategy}", "B": 1, "aggregate": "max",
+            **quality(aggregate(raw, "max"), labels), "fit_s": seconds, "score_s": 0.0}
+
+
+def _linear_copy(model):
+    from torch import nn
+    clone = copy.deepcopy(model)
+    for parent in list(clone.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "Conv1D":
+                d_in, d_out = child.weight.shape
+                linear = nn.Linear(d_in, d_out, dtype=child.weight.dtype)
+                linear.weight.data.copy_(child.weight.data.T)
+                linear.bias.data.copy_(child.bias.data)
+                setattr(parent, name, linear)
+    return clone
