@@ -171,6 +171,8 @@ def main() -> None:
     lines += more + perf_section(keep, work, extra)
     lines += [f"Total benchmark time: {(time.time() - began) / 60:.1f} min.", ""]
     RESULTS.write_text("\n".join(lines))
+    from bench import scaling
+    scaling.main()
     log(f"wrote {RESULTS}")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -41,6 +41,7 @@ class FactorSpec:
     damping: DampingConfig = field(default_factory=DampingConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     trust_remote_code: bool = False
+    module_filter: str = ""
 
     @property
     def corrected(self) -> bool:
@@ -84,7 +85,7 @@ def factor_worker(config: dict) -> None:
     model = load_model(spec.model_path, spec.dtype, spec.method == "linfac",
                        spec.trust_remote_code, device)
     tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
-    units = discover_units(model, spec.method)
+    units = discover_units(model, spec.method, spec.module_filter)
     shard = ray.train.get_dataset_shard("train")
     counter = {"sequences": 0, "tokens": 0}
     start = time.perf_counter()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import torch
 
@@ -46,7 +47,8 @@ def _model_and_units(spec: ScoreSpec, device: str = "cpu"):
     model = load_model(spec.model_path, spec.dtype, config.method == "linfac",
                        spec.trust_remote_code, device)
     tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
-    units = [] if config.method == "repsim" else discover_units(model, config.unit_method)
+    units = ([] if config.method == "repsim" else
+             discover_units(model, config.unit_method, config.module_filter))
     return model, tokenizer, units
 
 
@@ -83,6 +85,8 @@ class Scorer:
         raw = score_batch(self.model, self.units, batch, self.features, self.spec.influence)
         raw = raw.cpu().numpy().astype(np.float64)
         flat = pa.array(raw.reshape(-1), type=pa.float64())
+        tokens = pa.array(batch["attention_mask"].sum(1).cpu().numpy(), type=pa.int64())
+        table = table.append_column("n_tokens", tokens)
         return table.append_column("raw", pa.FixedSizeListArray.from_arrays(flat, raw.shape[1]))
 
 
@@ -99,8 +103,13 @@ def score_corpus(dataset, spec: ScoreSpec, features: dict[str, torch.Tensor],
         num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker or None)
     scored.write_parquet(str(raw_dir))
     seconds = time.perf_counter() - start
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in raw_dir.glob("*.parquet"))
-    return {"sequences": rows, "seconds": seconds, "sequences_per_s": rows / max(seconds, 1e-9)}
+    rows, tokens = 0, 0
+    for path in raw_dir.glob("*.parquet"):
+        counts = pq.read_table(path, columns=["n_tokens"]).column(0)
+        rows, tokens = rows + len(counts), tokens + int(pa.compute.sum(counts).as_py() or 0)
+    return {"sequences": rows, "tokens": tokens, "seconds": seconds,
+            "sequences_per_s": rows / max(seconds, 1e-9),
+            "tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
 def _column_scales(files: list[Path]) -> np.ndarray:

@@ -26,8 +26,7 @@ def write_selection(ranked: Path, config: SelectionConfig, scores_dir: Path, sel
                     label_column: str | None = None, seed: int = 0) -> dict:
     """Fill ``set`` with the α rule and write every dataset the correction methods read."""
     table = pq.read_table(ranked)
-    if "raw" in table.column_names:
-        table = table.drop(["raw"])
+    table = table.drop([c for c in ("raw", "n_tokens") if c in table.column_names])
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     sets = select_sets(scores, config)
     front = ["id", "score", "rank", "set"]

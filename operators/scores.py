@@ -41,6 +41,7 @@ class InfluenceConfig:
     similarity: str = "dot"  # gradsim only
     fisher: str = "sampled"
     damping: DampingConfig = field(default_factory=DampingConfig)
+    module_filter: str = ""  # ekfac/kfac/gradsim: only linear modules whose name contains it
 
     def __post_init__(self) -> None:
         _check("influence.method", self.method, METHODS)

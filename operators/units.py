@@ -90,8 +90,12 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-def discover_units(model: nn.Module, method: str) -> list[Unit]:
-    """The units of ``model`` for ``method`` (``linfac``, ``ekfac`` or ``kfac``), in block order."""
+def discover_units(model: nn.Module, method: str, module_filter: str = "") -> list[Unit]:
+    """The units of ``model`` for ``method`` (``linfac``, ``ekfac`` or ``kfac``), in block order.
+
+    ``module_filter`` keeps only the linear modules whose name contains it (``ekfac``/``kfac``),
+    e.g. ``"lora_"`` for the adapters of a LoRA-tuned model.
+    """
     if method not in METHODS_WITH_UNITS:
         raise ValueError(f"influence.method={method!r} has no curvature units; "
                          f"expected one of {METHODS_WITH_UNITS}")
@@ -102,7 +106,10 @@ def discover_units(model: nn.Module, method: str) -> list[Unit]:
         if method == "linfac":
             units.extend(_sublayer_units(model, block, block_name))
         else:
-            units.extend(_linear_units(block, block_name))
+            units.extend(u for u in _linear_units(block, block_name) if module_filter in u.name)
+    if not units:
+        raise UnsupportedModelError(f"no linear module of {type(model).__name__}'s blocks "
+                                    f"matches influence.module_filter={module_filter!r}")
     return units
 
 

@@ -32,7 +32,7 @@ def influence(cfg: LancetConf) -> InfluenceConfig:
     i = cfg.influence
     return InfluenceConfig(method=i.method, query_batch_size=i.query_batch_size,
                            aggregate=i.aggregate, similarity=i.similarity, fisher=i.fisher,
-                           damping=damping(cfg))
+                           damping=damping(cfg), module_filter=i.module_filter)
 
 
 def selection(cfg: LancetConf) -> SelectionConfig:
@@ -50,7 +50,8 @@ def cluster(cfg: LancetConf) -> ClusterConfig:
 def factor_spec(cfg: LancetConf, model_path: str) -> FactorSpec:
     return FactorSpec(model_path=model_path, method=influence(cfg).method, fisher=cfg.influence.fisher,
                       dtype=cfg.model.dtype, damping=damping(cfg), tokenize=tokenize(cfg),
-                      trust_remote_code=cfg.model.trust_remote_code)
+                      trust_remote_code=cfg.model.trust_remote_code,
+                      module_filter=cfg.influence.module_filter)
 
 
 def score_spec(cfg: LancetConf, model_path: str) -> ScoreSpec:

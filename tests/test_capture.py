@@ -68,3 +68,20 @@ def test_loss_mask_limits_the_gradient_to_response_tokens():
     batch["loss_mask"].zero_()
     grads = batch_gradients(model, units, batch)
     assert all(float(g.abs().max()) == 0.0 for g in grads.values())
+
+
+def test_influence_over_lora_adapters_only():
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny_model("llama"), LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model = model.double()
+    units = discover_units(model, "ekfac", module_filter="lora_")
+    assert units and all("lora_" in u.name for u in units)
+    assert len(units) == 2 * 2 * 2  # 2 layers × (q, v) × (A, B)
+    batch = random_batch(batch=2)
+    grads = batch_gradients(model, units, batch)
+    for row in range(2):
+        single = slice_batch(batch, [row])
+        for unit in units:
+            expected = true_weight_grad(model, unit.output_module, single)
+            torch.testing.assert_close(grads[unit.name][row], expected, rtol=1e-9, atol=1e-12)

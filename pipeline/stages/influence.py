@@ -69,7 +69,9 @@ def run_score(ctx: StageContext) -> dict:
     if summary["nonfinite"]:
         ctx.log(f"WARNING: {summary['nonfinite']} samples had NaN/inf gradients and are "
                 f"excluded: {summary['nonfinite_ids'][:10]}")
-    ctx.log(f"score: {metrics['sequences']} sequences, {metrics['sequences_per_s']:.1f} seq/s")
+    ctx.log(f"score: {metrics['sequences']} sequences, {metrics['sequences_per_s']:.1f} seq/s, "
+            f"{metrics['tokens_per_s']:.0f} tokens/s")
     n_batches = next(iter(features.values())).shape[0]
-    return {"score/sequences_per_s": metrics["sequences_per_s"], "score/query_batches": n_batches,
+    return {"score/sequences_per_s": metrics["sequences_per_s"],
+            "score/tokens_per_s": metrics["tokens_per_s"], "score/query_batches": n_batches,
             "score/nonfinite": summary["nonfinite"], "score/rows": summary["rows"]}

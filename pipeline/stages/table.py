@@ -7,7 +7,7 @@ from pipeline.stages import correct, evaluate, influence, prepare, report, selec
 
 MODEL_KEYS = ("model", "demo", "data", "judge", "seed")
 INFLUENCE_KEYS = ("influence.method", "influence.fisher", "influence.damping",
-                  "influence.damping_absolute")
+                  "influence.damping_absolute", "influence.module_filter")
 
 STAGES = [
     Stage("prepare", prepare.run, (), MODEL_KEYS, "data"),
@@ -17,7 +17,8 @@ STAGES = [
                             "influence.similarity"), "influence"),
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
-    Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed"), "ibo"),
+    Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed"), "ibo",
+          artifacts=("model",)),
     Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge",), "eval",
           artifacts=("metrics.json",)),
     Stage("report", report.run, ("prepare", "select", "evaluate"), (), "report",
