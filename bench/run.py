@@ -87,12 +87,18 @@ def correction_section(keep: dict, quick: bool, work: Path) -> tuple[list[str], 
                                           work / "corr")
     for method, settings in correction.BASELINE_SETTINGS.items():
         log(f"correction {method}")
-        m = correction.correct(base, work / "corr", method, method, **settings)
+        m = _guarded(lambda method=method, settings=settings: correction.correct(
+            base, work / "corr", method, method, **settings))
+        if m is None:
+            rows.append({"method": f"{method} (failed: see the log)", **{k: float("nan") for k in
+                                                                         before}, "step_ms": 0.0})
+            continue
         rows.append({"method": method, **correction.evaluate(work / "corr" / method / "model",
                                                              base, corpus, patterns),
                      "step_ms": 1000 * m["step_seconds"]})
-    live = correction.correct(base, work / "corr", "ibo", "ibo_live", precompute_reference=False)
-    ratio = rows[1]["step_ms"] / (1000 * live["step_seconds"])
+    live = _guarded(lambda: correction.correct(base, work / "corr", "ibo", "ibo_live",
+                                               precompute_reference=False))
+    ratio = rows[1]["step_ms"] / (1000 * live["step_seconds"]) if live else float("nan")
     out = ["## Correction quality", "",
            f"Demo scenario, recall by LinFAC (B = 1, max), α = 0.8: {sizes}. 2 Ray Train workers, "
            "DeepSpeed ZeRO-0 on CPU, 30 steps (oracle: 200 steps from scratch).", "",
@@ -100,6 +106,21 @@ def correction_section(keep: dict, quick: bool, work: Path) -> tuple[list[str], 
     if not quick:
         out += feed_section(keep, base, work, before, by_method)
     return out, {"IBO step with precomputed reference ÷ without": ratio}
+
+
+def _guarded(job):
+    """Run one Ray job; if it (or the local Ray under it) failed, log it and restart Ray."""
+    import traceback
+
+    import ray
+    try:
+        return job()
+    except Exception:  # reported in the table as failed, the benchmark goes on
+        traceback.print_exc()
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        return None
 
 
 def feed_section(keep, base, work, before, by_method) -> list[str]:
@@ -111,7 +132,8 @@ def feed_section(keep, base, work, before, by_method) -> list[str]:
         raw, _, _ = recall.score(keep["model"], keep["tok"], keep["corpus"].train,
                                  keep["queries"], InfluenceConfig(method=method, similarity=sim))
         correction.select_from_scores(keep["corpus"].train, aggregate(raw).tolist(), root)
-        correction.correct(base, root, "ibo", "ibo")
+        if _guarded(lambda root=root: correction.correct(base, root, "ibo", "ibo")) is None:
+            continue
         after = correction.evaluate(root / "ibo" / "model", base, keep["corpus"],
                                     keep["patterns"])
         rows.append({"recall": method + (f"-{sim}" if method == "gradsim" else ""), **after})

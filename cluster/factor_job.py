@@ -136,16 +136,12 @@ def fit_factors(dataset, spec: FactorSpec, cluster: ClusterConfig, out_dir: Path
     throughput metrics. A worker that dies is retried up to ``max_failures`` times from scratch:
     fitting is deterministic, so the factors equal an undisturbed run's.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    resources = {"CPU": cluster.cpus_per_worker}
-    if cluster.use_gpu:
-        resources["GPU"] = cluster.gpus_per_worker
     trainer = TorchTrainer(
         factor_worker,
         train_loop_config={"spec": spec, "cluster": cluster},
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=cluster.scaling(),
         torch_config=TorchConfig(backend=cluster.backend),
         datasets={"train": dataset},
         run_config=RunConfig(name=f"fit_factors_{int(time.time() * 1000)}",

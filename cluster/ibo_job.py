@@ -169,16 +169,12 @@ def _save_model(module, state, spec: IBOSpec, tokenizer, out: Path) -> None:
 def run_ibo(datasets: dict, spec: IBOSpec, cluster: ClusterConfig, out_dir: Path,
             storage: Path, max_failures: int = 2) -> dict:
     """Run the correction job; install the model under ``out_dir/model``; return its metrics."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    resources = {"CPU": cluster.cpus_per_worker}
-    if cluster.use_gpu:
-        resources["GPU"] = cluster.gpus_per_worker
     trainer = TorchTrainer(
         ibo_worker, train_loop_config={"spec": spec, "cluster": cluster,
                                        "ds_config": read_ds_config(spec.deepspeed_config)},
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=cluster.scaling(),
         torch_config=TorchConfig(backend=cluster.backend),
         datasets=datasets,
         run_config=RunConfig(name=f"ibo_{int(time.time() * 1000)}",

@@ -22,6 +22,17 @@ class ClusterConfig:
     threads_per_worker: int = 1
     batch_size: int = 16
     num_cpus_local: int | None = None  # CPUs of a local Ray started by the run (None: all)
+    placement_strategy: str = "PACK"  # SPREAD puts workers on different nodes
+
+    def scaling(self):
+        """Ray Train's ScalingConfig for this cluster."""
+        from ray.train import ScalingConfig
+        resources = {"CPU": self.cpus_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = self.gpus_per_worker
+        return ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
+                             resources_per_worker=resources,
+                             placement_strategy=self.placement_strategy)
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
