@@ -48,7 +48,7 @@ bench-quick: $(STAMP)  ## a quick pass of the benchmarks
 	$(PY) -m bench.run --quick
 
 lint: $(STAMP)  ## ruff and the import contracts (operators/ imports no Ray, MLflow, Hydra, ...)
-	$(VENV)/bin/ruff check operators cluster pipeline tests
+	$(VENV)/bin/ruff check operators cluster pipeline tests bench
 	$(VENV)/bin/lint-imports
 
 clean:  ## remove run outputs (keeps .venv)

@@ -4,6 +4,7 @@ peak RSS against corpus size, IBO step time, and the sweep's reuse of fit_factor
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -120,14 +121,15 @@ def sweep_reuse(tmp: Path) -> dict:
     env_cmd = [sys.executable, "-m", "pipeline"]
     common = ["debug=tiny", "cluster.local_cpus=2", "pipeline.until=select", "pipeline.summary=false"]
     began = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     subprocess.run(env_cmd + common + [f"cache_dir={tmp / 'single'}", f"output_dir={tmp / 's'}"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=1800)
+                   cwd=ROOT, check=True, capture_output=True, timeout=1800, env=env)
     single = time.perf_counter() - began
     began = time.perf_counter()
     subprocess.run(env_cmd + ["-m", *common, "influence.alpha=0.5,0.8,0.95",
                               "influence.query_batch_size=1,8", f"cache_dir={tmp / 'sweep'}",
                               f"hydra.sweep.dir={tmp / 'sweep_out'}"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=3600)
+                   cwd=ROOT, check=True, capture_output=True, timeout=3600, env=env)
     swept = time.perf_counter() - began
     fits = sum(not json.loads((job / "run.json").read_text())["stages"]["fit_factors"]["cached"]
                for job in (tmp / "sweep_out").iterdir() if (job / "run.json").is_file())

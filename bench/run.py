@@ -161,7 +161,10 @@ def perf_section(keep: dict, work: Path, extra: dict) -> list[str]:
     ratios.update(worker_scaling(work / "corr" / "model", keep["corpus"], work))
     ratios.update(extra)
     log("sweep")
-    ratios.update(perf.sweep_reuse(work / "sweep"))
+    try:
+        ratios.update(perf.sweep_reuse(work / "sweep"))
+    except Exception as err:  # reported, not hidden
+        ratios["sweep (failed)"] = f"{type(err).__name__}: {err}"[:200]
     return ["## Performance ratios", "", table([{"measure": k, "value": v}
                                                 for k, v in ratios.items()]), ""]
 

@@ -39,6 +39,10 @@ class ClusterConfig:
             raise ValueError(f"cluster.num_workers={self.num_workers}: must be >= 1")
         if self.batch_size < 1:
             raise ValueError(f"cluster.batch_size={self.batch_size}: must be >= 1")
+        strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+        if self.placement_strategy not in strategies:
+            raise ValueError(f"cluster.placement_strategy={self.placement_strategy!r}: expected "
+                             f"one of {strategies}")
 
     @property
     def use_gpu(self) -> bool:
@@ -66,7 +70,9 @@ def connect(config: ClusterConfig) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
-        ray.init(num_cpus=config.num_cpus_local, runtime_env=env, include_dashboard=False,
+        # "local": a new Ray of our own, even if another local cluster is running
+        ray.init(address="local", num_cpus=config.num_cpus_local, runtime_env=env,
+                 include_dashboard=False,
                  log_to_driver=False)  # workers' logs stay in Ray's session folder
 
 

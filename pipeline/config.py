@@ -67,6 +67,9 @@ class InfluenceConf:
     # λ = damping · mean(Λ) per unit, unless damping_absolute is set.
     damping: float = 0.1
     damping_absolute: float | None = None
+    # ekfac/kfac/gradsim: only the linear modules whose name contains this (e.g. "lora_" for
+    # the adapters of a LoRA-tuned model); empty: all of the blocks' linear modules.
+    module_filter: str = ""
 
 
 @dataclass
@@ -127,6 +130,8 @@ class ClusterConf:
     # CPUs of a local Ray started by the run; null: all of the machine's.
     local_cpus: int | None = None
     max_failures: int = 2
+    # PACK (default) or SPREAD (one worker per node where possible).
+    placement_strategy: str = "PACK"
 
 
 @dataclass
