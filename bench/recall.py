@@ -122,15 +122,7 @@ def kronfluence_run(model, tok, corpus, queries, strategy: str) -> dict:
             **quality(aggregate(raw, "max"), labels), "fit_s": seconds, "score_s": 0.0}
 
 
+
 def _linear_copy(model):
-    from torch import nn
-    clone = copy.deepcopy(model)
-    for parent in list(clone.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__ == "Conv1D":
-                d_in, d_out = child.weight.shape
-                linear = nn.Linear(d_in, d_out, dtype=child.weight.dtype)
-                linear.weight.data.copy_(child.weight.data.T)
-                linear.bias.data.copy_(child.bias.data)
-                setattr(parent, name, linear)
-    return clone
+    from operators.units import conv1d_as_linear
+    return conv1d_as_linear(copy.deepcopy(model))

@@ -159,3 +159,19 @@ def _model_width(model: nn.Module) -> int:
         if isinstance(value, int):
             return value
     raise UnsupportedModelError(f"cannot read the model width of {type(model).__name__}")
+
+
+def conv1d_as_linear(model: nn.Module) -> nn.Module:
+    """Swap GPT-2's ``Conv1D`` (weight ``[in, out]``) for equal ``nn.Linear`` modules, in place.
+
+    For tools that only track ``nn.Linear`` (the kronfluence reference in tests and bench).
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ == "Conv1D":
+                d_in, d_out = child.weight.shape
+                linear = nn.Linear(d_in, d_out, dtype=child.weight.dtype)
+                linear.weight.data.copy_(child.weight.data.T)
+                linear.bias.data.copy_(child.bias.data)
+                setattr(parent, name, linear)
+    return model

@@ -75,15 +75,4 @@ def slice_batch(batch: dict, rows) -> dict:
     return {k: (v[:, :n] if v.dim() == 2 else v) for k, v in out.items()}
 
 
-def conv1d_to_linear(model):
-    """Swap GPT-2's Conv1D (weight [in, out]) for an equal nn.Linear, for tools that track Linear."""
-    from torch import nn
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__ == "Conv1D":
-                d_in, d_out = child.weight.shape
-                linear = nn.Linear(d_in, d_out, dtype=child.weight.dtype)
-                linear.weight.data.copy_(child.weight.data.T)
-                linear.bias.data.copy_(child.bias.data)
-                setattr(parent, name, linear)
-    return model
+from operators.units import conv1d_as_linear as conv1d_to_linear  # noqa: E402,F401
