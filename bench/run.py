@@ -132,7 +132,14 @@ def feed_section(keep, base, work, before, by_method) -> list[str]:
         raw, _, _ = recall.score(keep["model"], keep["tok"], keep["corpus"].train,
                                  keep["queries"], InfluenceConfig(method=method, similarity=sim))
         correction.select_from_scores(keep["corpus"].train, aggregate(raw).tolist(), root)
+        name = method + (f"-{sim}" if method == "gradsim" else "")
+        if not (root / "select" / "pairs.parquet").is_file():
+            rows.append({"recall": f"{name} (no pairs: IBO needs both influence sets)",
+                         **{k: float("nan") for k in before}})
+            continue
         if _guarded(lambda root=root: correction.correct(base, root, "ibo", "ibo")) is None:
+            rows.append({"recall": f"{name} (failed: see the log)",
+                         **{k: float("nan") for k in before}})
             continue
         after = correction.evaluate(root / "ibo" / "model", base, keep["corpus"],
                                     keep["patterns"])
