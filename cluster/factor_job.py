@@ -22,7 +22,7 @@ import torch
 from cluster.allreduce import allreduce_sum, world
 from cluster.batches import TokenizeConfig, to_tensors
 from cluster.model_io import load_model, load_tokenizer
-from cluster.runtime import ClusterConfig, device_for, pin_threads
+from cluster.runtime import ClusterConfig, device_for, pin_threads, storage_uri
 from operators.curvature import NONFINITE, Curvature, covariance_pass, lambda_pass
 from operators.factors import DampingConfig, eigendecompose
 from operators.units import Unit, discover_units
@@ -129,7 +129,7 @@ def _report(curvature, stats, lam, units, counter, seconds) -> None:
 
 
 def fit_factors(dataset, spec: FactorSpec, cluster: ClusterConfig, out_dir: Path,
-                storage: Path, max_failures: int = 2) -> dict:
+                storage: str | Path, max_failures: int = 2) -> dict:
     """Run the worker group on ``dataset`` (a Ray Dataset of id/prompt/response rows).
 
     Writes ``out_dir/factors.safetensors`` and ``out_dir/units.json`` and returns the
@@ -145,7 +145,7 @@ def fit_factors(dataset, spec: FactorSpec, cluster: ClusterConfig, out_dir: Path
         torch_config=TorchConfig(backend=cluster.backend),
         datasets={"train": dataset},
         run_config=RunConfig(name=f"fit_factors_{int(time.time() * 1000)}",
-                             storage_path=str(storage.resolve()),
+                             storage_path=storage_uri(storage),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()

@@ -22,7 +22,7 @@ from cluster.allreduce import world
 from cluster.deepspeed_strategy import DeepSpeedStrategy, read_ds_config, resolve_ds_config
 from cluster.ibo_objectives import METHOD_DATASETS, ObjectiveConfig, Reference, step_loss
 from cluster.model_io import load_model, load_tokenizer
-from cluster.runtime import ClusterConfig, device_for, pin_threads
+from cluster.runtime import ClusterConfig, device_for, pin_threads, storage_uri
 
 MODEL_DIR = "model"
 
@@ -167,7 +167,7 @@ def _save_model(module, state, spec: IBOSpec, tokenizer, out: Path) -> None:
 
 
 def run_ibo(datasets: dict, spec: IBOSpec, cluster: ClusterConfig, out_dir: Path,
-            storage: Path, max_failures: int = 2) -> dict:
+            storage: str | Path, max_failures: int = 2) -> dict:
     """Run the correction job; install the model under ``out_dir/model``; return its metrics."""
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -178,7 +178,7 @@ def run_ibo(datasets: dict, spec: IBOSpec, cluster: ClusterConfig, out_dir: Path
         torch_config=TorchConfig(backend=cluster.backend),
         datasets=datasets,
         run_config=RunConfig(name=f"ibo_{int(time.time() * 1000)}",
-                             storage_path=str(storage.resolve()),
+                             storage_path=storage_uri(storage),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-# Every Ray process we start inherits these (see cluster/README in the top-level README).
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# Every Ray worker process we start inherits these.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+# Ray's single-machine mode (every address 127.0.0.1): only for a local Ray of our own; the
+# workers of a cluster keep the cluster's own setting.
+SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 @dataclass(frozen=True)
@@ -66,14 +70,28 @@ def connect(config: ClusterConfig) -> None:
     import ray
     if ray.is_initialized():
         return
-    env = {"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(config.threads_per_worker)}}
+    env_vars = {**WORKER_ENV, "OMP_NUM_THREADS": str(config.threads_per_worker)}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
     else:
+        env = {"env_vars": {**env_vars, **SINGLE_MACHINE}}
         # "local": a new Ray of our own, even if another local cluster is running
         ray.init(address="local", num_cpus=config.num_cpus_local, runtime_env=env,
                  include_dashboard=False,
                  log_to_driver=False)  # workers' logs stay in Ray's session folder
+
+
+def storage_uri(path: str | Path) -> str:
+    """Ray Train's ``storage_path``: a URI (``s3://``, ``gs://``) as given, a folder absolute.
+
+    On several nodes it must be storage every node sees (NFS or a bucket).
+    """
+    text = str(path)
+    if "://" in text:
+        return text
+    folder = Path(text).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
 
 
 def pin_threads(threads: int) -> None:

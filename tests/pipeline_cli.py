@@ -20,9 +20,10 @@ def env(**extra) -> dict:
     return {**out, **ENV, "PATH": path, **extra}
 
 
-def run_cli(*overrides: str, timeout: int = 900, check: bool = True, **extra_env
-            ) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *overrides], cwd=ROOT,
+def run_cli(*overrides: str, timeout: int = 900, check: bool = True, prefix: tuple = (),
+            **extra_env) -> subprocess.CompletedProcess:
+    """``python -m pipeline overrides...``; ``prefix`` runs it elsewhere (``ip netns exec h``)."""
+    proc = subprocess.run([*prefix, sys.executable, "-m", "pipeline", *overrides], cwd=ROOT,
                           env=env(**extra_env), capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
     if check and proc.returncode != 0:

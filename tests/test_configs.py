@@ -44,3 +44,11 @@ def test_a_misspelt_key_is_refused_by_the_schema():
     from hydra.errors import ConfigCompositionException
     with pytest.raises(ConfigCompositionException, match="alpah"):
         compose_typed(["influence.alpah=0.5"])
+
+
+def test_ray_storage_keeps_uris_and_makes_folders_absolute(tmp_path, monkeypatch):
+    from cluster.runtime import storage_uri
+    assert storage_uri("s3://bucket/lancet") == "s3://bucket/lancet"
+    monkeypatch.chdir(tmp_path)
+    made = storage_uri("shared/ray")
+    assert made == str(tmp_path / "shared" / "ray") and (tmp_path / "shared" / "ray").is_dir()

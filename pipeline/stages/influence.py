@@ -20,11 +20,9 @@ from pipeline.stages.prepare import model_dir
 RANKED = "ranked.parquet"
 
 
-def storage(ctx: StageContext) -> Path:
-    """Ray Train's storage: configured shared storage, or a folder of the cache."""
-    path = Path(ctx.cfg.cluster.storage_path or Path(ctx.cfg.cache_dir) / "_ray_train")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def storage(ctx: StageContext) -> str:
+    """Ray Train's storage: configured shared storage (a folder or a URI), or the cache's."""
+    return ctx.cfg.cluster.storage_path or str(Path(ctx.cfg.cache_dir) / "_ray_train")
 
 
 def run_fit(ctx: StageContext) -> dict:

@@ -1,0 +1,144 @@
+"""A two-node Ray cluster on one machine gives the same factors and scores as one worker.
+
+The nodes are two test hosts (network namespaces joined by a veth pair, tests/netns.py): the
+head runs ``ray start --head``, the second host ``ray start --address``, each with its own
+CPUs; ``python -m pipeline`` runs on the head host against ``cluster.address``. Workers are
+placed STRICT_SPREAD, so the all-reduce crosses the two hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from demo_assets import save_demo_model
+from netns import IFNAME, two_hosts, unavailable
+from pipeline_cli import env, run_cli
+from safetensors.torch import load_file
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+PORT = 6380
+# Ray's multi-node mode (the default on Linux; the test suite turns it off for local Rays) and
+# the interface gloo binds to (the hosts' names resolve to an address they do not have).
+NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "GLOO_SOCKET_IFNAME": IFNAME}
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+def _start(host, *args: str, temp_dir: str, log) -> subprocess.Popen:
+    argv = [*host.prefix(), RAY, "start", "--block", f"--node-ip-address={host.address}",
+            "--num-cpus=2", "--object-store-memory=200000000", *args]
+    return subprocess.Popen(argv, env=env(**NODE_ENV), stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True, cwd=temp_dir)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """``ray start --block`` tears its node down on SIGTERM; the group is killed if it hangs."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+
+
+def _alive_nodes(head, address: str) -> int:
+    code = (f"import ray; ray.init(address={address!r}, log_to_driver=False); "
+            "print(sum(n['Alive'] for n in ray.nodes()))")
+    proc = subprocess.run([*head.prefix(), sys.executable, "-c", code], env=env(**NODE_ENV),
+                          capture_output=True, text=True, timeout=60)
+    return int(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else 0
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster():
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"two test hosts need network namespaces: {reason}")
+    temp_dir = tempfile.mkdtemp(prefix="lray", dir="/tmp")  # short: Ray's sockets live here
+    with two_hosts() as (head, other), open(f"{temp_dir}/nodes.log", "w") as log:
+        address = f"{head.address}:{PORT}"
+        nodes = [_start(head, "--head", f"--port={PORT}", "--include-dashboard=false",
+                        f"--temp-dir={temp_dir}", temp_dir=temp_dir, log=log)]
+        try:
+            time.sleep(5)
+            nodes.append(_start(other, f"--address={address}", temp_dir=temp_dir, log=log))
+            deadline = time.monotonic() + 120
+            while _alive_nodes(head, address) < 2:
+                if time.monotonic() > deadline:
+                    log.flush()
+                    raise AssertionError(f"the second node never joined:\n"
+                                         f"{open(f'{temp_dir}/nodes.log').read()[-3000:]}")
+                time.sleep(2)
+            yield head, other, address
+        finally:
+            for proc in reversed(nodes):
+                _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def byo_inputs(tmp_path_factory):
+    """The demo model and corpus as a user's own: a model directory, train and query files."""
+    root = tmp_path_factory.mktemp("byo")
+    corpus, model_dir, train = save_demo_model(root)
+    queries = root / "queries.jsonl"
+    planted = [r for r in corpus.train if r["planted"]][:6]
+    queries.write_text("".join(json.dumps({k: r[k] for k in ("id", "prompt", "response")}) + "\n"
+                               for r in planted))
+    return ["model=hf", f"model.path={model_dir}", "model.dtype=float64", "model.max_length=64",
+            "data=custom", f"data.train={train}", f"data.queries={queries}",
+            "data.label_column=planted", "influence.query_batch_size=2", "pipeline.until=select",
+            "mlflow.enabled=false"]
+
+
+def _actor_hosts(head, address: str) -> dict[str, set[str]]:
+    """Class name -> addresses of the hosts its actors ran on (GCS keeps finished actors)."""
+    code = (f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
+            "from ray._private.state import actors; "
+            "print(json.dumps([[a['ActorClassName'], a['Address']['IPAddress']] "
+            "for a in actors().values()]))")
+    proc = subprocess.run([*head.prefix(), sys.executable, "-c", code], env=env(**NODE_ENV),
+                          capture_output=True, text=True, timeout=60, check=True)
+    out: dict[str, set[str]] = {}
+    for name, ip in json.loads(proc.stdout.strip().splitlines()[-1]):
+        out.setdefault(name, set()).add(ip)
+    return out
+
+
+def _results(out):
+    factors = load_file(str(out / "factors" / "factors.safetensors"))
+    scores = pq.read_table(out / "scores" / "scores.parquet").to_pandas().set_index("id")
+    return factors, scores
+
+
+def test_two_node_cluster_fits_and_scores_like_one_worker(two_node_cluster, byo_inputs,
+                                                          tmp_path):
+    head, other, address = two_node_cluster
+    run_cli(*byo_inputs, f"cache_dir={tmp_path / 'c2'}", f"output_dir={tmp_path / 'two'}",
+            f"cluster.address={address}", "cluster.num_workers=2",
+            "cluster.placement_strategy=STRICT_SPREAD",  # one worker per node
+            prefix=head.prefix(), **NODE_ENV)
+    placed = _actor_hosts(head, address)
+    both = {head.address, other.address}
+    assert placed["RayTrainWorker"] == both, placed  # the all-reduce crossed the hosts
+    assert placed["MapWorker(MapBatches(Scorer))"] == both, placed  # so did scoring
+    run_cli(*byo_inputs, f"cache_dir={tmp_path / 'c1'}", f"output_dir={tmp_path / 'one'}",
+            "cluster.num_workers=1", "cluster.local_cpus=2")
+    factors2, scores2 = _results(tmp_path / "two")
+    factors1, scores1 = _results(tmp_path / "one")
+
+    assert sorted(factors2) == sorted(factors1)
+    for name, ref in factors1.items():
+        torch.testing.assert_close(factors2[name], ref, rtol=1e-6, atol=1e-10, msg=name)
+    assert scores2.index.is_unique and sorted(scores2.index) == sorted(scores1.index)
+    assert {"prompt", "response", "planted"} <= set(scores2.columns)  # passthrough
+    torch.testing.assert_close(torch.tensor(scores2.loc[scores1.index, "score"].values),
+                               torch.tensor(scores1["score"].values), rtol=1e-6, atol=1e-9)
