@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: help install demo test test-fast bench bench-quick lint clean
+.PHONY: help install demo test test-hosts test-fast bench bench-quick lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,8 +35,14 @@ install: $(STAMP)  ## create .venv and install LANCET into it
 demo: $(STAMP)  ## run the embedded demo end to end (python -m pipeline)
 	$(PY) -m pipeline
 
-test: $(STAMP)  ## the whole suite CI can afford: fast math, real Ray/DeepSpeed/MLflow/Hydra, end to end
+test: $(STAMP) test-hosts  ## the whole suite CI can afford: fast math, real Ray/DeepSpeed/MLflow/Hydra, end to end
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The two-node test makes two hosts with iproute2's `ip netns` (root); it skips, saying why, without.
+test-hosts:
+	@command -v ip >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2 >/dev/null; } || \
+	  echo "note: iproute2 unavailable; tests/test_two_nodes.py will skip"
 
 test-fast: $(STAMP)  ## only the float64 math tests (no Ray)
 	$(PY) -m pytest tests -m "not ray and not slow" $(PYTEST_ARGS)
