@@ -147,7 +147,7 @@ def feed_section(keep, base, work, before, by_method) -> list[str]:
     return ["### IBO fed by each recall method", "", f"Before: {before}", "", table(rows), ""]
 
 
-def perf_section(keep: dict, work: Path, extra: dict) -> list[str]:
+def perf_section(keep: dict, work: Path, extra: dict, quick: bool) -> list[str]:
     rows = {r["method"]: r for r in keep["rows"] if r["B"] == 1 and r["aggregate"] == "max"}
     linfac = rows["linfac"]["fit_s"] + rows["linfac"]["score_s"]
     ratios = {"LinFAC fit+score ÷ kronfluence EK-FAC (goal ≤ 0.25)":
@@ -165,7 +165,7 @@ def perf_section(keep: dict, work: Path, extra: dict) -> list[str]:
     ratios.update(perf.peak_rss(work / "corr" / "model"))
     from bench.workers import worker_scaling
     log("worker scaling")
-    ratios.update(worker_scaling(work / "corr" / "model", keep["corpus"], work))
+    ratios.update(worker_scaling(keep["corpus"], work, quick))
     ratios.update(extra)
     log("sweep")
     try:
@@ -173,7 +173,11 @@ def perf_section(keep: dict, work: Path, extra: dict) -> list[str]:
     except Exception as err:  # reported, not hidden
         ratios["sweep (failed)"] = f"{type(err).__name__}: {err}"[:200]
     return ["## Performance ratios", "", table([{"measure": k, "value": v}
-                                                for k, v in ratios.items()]), ""]
+                                                for k, v in ratios.items()]), "",
+            "Worker scaling: end to end = sequences ÷ seconds of the larger corpus, fixed costs "
+            "included (Ray Train group and Ray Data pipeline start on every pass, actor start, "
+            "model load); marginal = extra sequences ÷ extra seconds between the two corpora, "
+            "which cancels them (bench/workers.py).", ""]
 
 
 def machine() -> str:
@@ -200,7 +204,7 @@ def main() -> None:
             "are what to compare).", "", "## Recall quality", ""]
     lines = head + lines + lds_section(keep, args.quick)
     more, extra = correction_section(keep, args.quick, work)
-    lines += more + perf_section(keep, work, extra)
+    lines += more + perf_section(keep, work, extra, args.quick)
     lines += [f"Total benchmark time: {(time.time() - began) / 60:.1f} min.", ""]
     RESULTS.write_text("\n".join(lines))
     from bench import scaling
