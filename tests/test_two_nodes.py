@@ -21,7 +21,7 @@ import pytest
 import torch
 from demo_assets import save_demo_model
 from netns import IFNAME, two_hosts, unavailable
-from pipeline_cli import env, run_cli
+from pipeline_cli import ROOT, env, run_cli
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -78,7 +78,7 @@ def two_node_cluster():
                     raise AssertionError(f"the second node never joined:\n"
                                          f"{open(f'{temp_dir}/nodes.log').read()[-3000:]}")
                 time.sleep(2)
-            yield head, other, address
+            yield head, other, address, nodes
         finally:
             for proc in reversed(nodes):
                 _stop(proc)
@@ -95,20 +95,33 @@ def byo_inputs(tmp_path_factory):
                                for r in planted))
     return ["model=hf", f"model.path={model_dir}", "model.dtype=float64", "model.max_length=64",
             "data=custom", f"data.train={train}", f"data.queries={queries}",
-            "data.label_column=planted", "influence.query_batch_size=2", "pipeline.until=select",
-            "mlflow.enabled=false"]
+            "data.label_column=planted", "influence.query_batch_size=2", "mlflow.enabled=false"]
 
 
-def _actor_hosts(head, address: str) -> dict[str, set[str]]:
-    """Class name -> addresses of the hosts its actors ran on (GCS keeps finished actors)."""
+@pytest.fixture(scope="module")
+def one_worker(byo_inputs, tmp_path_factory):
+    """The reference: the same inputs on a local Ray with one worker."""
+    root = tmp_path_factory.mktemp("one_worker")
+    run_cli(*byo_inputs, "pipeline.until=select", f"cache_dir={root / 'cache'}",
+            f"output_dir={root / 'out'}", "cluster.num_workers=1", "cluster.local_cpus=2")
+    return _results(root / "out")
+
+
+def _actors(head, address: str) -> list[tuple[str, str, str]]:
+    """(class name, host address, state) of every actor the GCS knows, finished ones too."""
     code = (f"import json, ray; ray.init(address={address!r}, log_to_driver=False); "
             "from ray._private.state import actors; "
-            "print(json.dumps([[a['ActorClassName'], a['Address']['IPAddress']] "
+            "print(json.dumps([[a['ActorClassName'], a['Address']['IPAddress'], a['State']] "
             "for a in actors().values()]))")
     proc = subprocess.run([*head.prefix(), sys.executable, "-c", code], env=env(**NODE_ENV),
                           capture_output=True, text=True, timeout=60, check=True)
+    return [tuple(a) for a in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+def _actor_hosts(head, address: str) -> dict[str, set[str]]:
+    """Class name -> addresses of the hosts its actors ran on."""
     out: dict[str, set[str]] = {}
-    for name, ip in json.loads(proc.stdout.strip().splitlines()[-1]):
+    for name, ip, _ in _actors(head, address):
         out.setdefault(name, set()).add(ip)
     return out
 
@@ -119,26 +132,58 @@ def _results(out):
     return factors, scores
 
 
+def _assert_same_factors(factors, reference) -> None:
+    assert sorted(factors) == sorted(reference)
+    for name, ref in reference.items():
+        torch.testing.assert_close(factors[name], ref, rtol=1e-6, atol=1e-10, msg=name)
+
+
 def test_two_node_cluster_fits_and_scores_like_one_worker(two_node_cluster, byo_inputs,
-                                                          tmp_path):
-    head, other, address = two_node_cluster
-    run_cli(*byo_inputs, f"cache_dir={tmp_path / 'c2'}", f"output_dir={tmp_path / 'two'}",
-            f"cluster.address={address}", "cluster.num_workers=2",
-            "cluster.placement_strategy=STRICT_SPREAD",  # one worker per node
+                                                          one_worker, tmp_path):
+    head, other, address, _ = two_node_cluster
+    run_cli(*byo_inputs, "pipeline.until=select", f"cache_dir={tmp_path / 'cache'}",
+            f"output_dir={tmp_path / 'out'}", f"cluster.address={address}",
+            "cluster.num_workers=2", "cluster.placement_strategy=STRICT_SPREAD",  # one per node
             prefix=head.prefix(), **NODE_ENV)
     placed = _actor_hosts(head, address)
     both = {head.address, other.address}
     assert placed["RayTrainWorker"] == both, placed  # the all-reduce crossed the hosts
     assert placed["MapWorker(MapBatches(Scorer))"] == both, placed  # so did scoring
-    run_cli(*byo_inputs, f"cache_dir={tmp_path / 'c1'}", f"output_dir={tmp_path / 'one'}",
-            "cluster.num_workers=1", "cluster.local_cpus=2")
-    factors2, scores2 = _results(tmp_path / "two")
-    factors1, scores1 = _results(tmp_path / "one")
-
-    assert sorted(factors2) == sorted(factors1)
-    for name, ref in factors1.items():
-        torch.testing.assert_close(factors2[name], ref, rtol=1e-6, atol=1e-10, msg=name)
-    assert scores2.index.is_unique and sorted(scores2.index) == sorted(scores1.index)
-    assert {"prompt", "response", "planted"} <= set(scores2.columns)  # passthrough
-    torch.testing.assert_close(torch.tensor(scores2.loc[scores1.index, "score"].values),
+    factors, scores = _results(tmp_path / "out")
+    factors1, scores1 = one_worker
+    _assert_same_factors(factors, factors1)
+    assert scores.index.is_unique and sorted(scores.index) == sorted(scores1.index)
+    assert {"prompt", "response", "planted"} <= set(scores.columns)  # passthrough
+    torch.testing.assert_close(torch.tensor(scores.loc[scores1.index, "score"].values),
                                torch.tensor(scores1["score"].values), rtol=1e-6, atol=1e-9)
+
+
+def test_losing_a_node_mid_fit_restarts_the_workers_and_the_factors_are_unchanged(
+        two_node_cluster, byo_inputs, one_worker, tmp_path):
+    """Runs last in this module: it takes the second node down for good."""
+    head, other, address, nodes = two_node_cluster
+    before = sum(name == "RayTrainWorker" for name, _, _ in _actors(head, address))
+    argv = [*head.prefix(), sys.executable, "-m", "pipeline", *byo_inputs,
+            "pipeline.until=fit_factors", f"cache_dir={tmp_path / 'cache'}",
+            f"output_dir={tmp_path / 'out'}", f"cluster.address={address}",
+            "cluster.num_workers=2", "cluster.placement_strategy=SPREAD"]  # soft: may regroup
+    with open(tmp_path / "run.log", "w") as log:
+        run = subprocess.Popen(argv, cwd=ROOT, env=env(**NODE_ENV), stdout=log,
+                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 180
+        while (("RayTrainWorker", other.address, "ALIVE") not in _actors(head, address)
+               and run.poll() is None):
+            assert time.monotonic() < deadline, "no factor worker ever ran on the second node"
+            time.sleep(0.5)
+        time.sleep(6)  # past worker-group start (~5 s here): the train function is running
+        os.killpg(nodes[1].pid, signal.SIGKILL)  # the node dies with its raylet and workers
+        try:
+            code = run.wait(timeout=300)
+        finally:
+            run.kill()
+        assert code == 0, (tmp_path / "run.log").read_text()[-4000:]
+    workers = sum(name == "RayTrainWorker" for name, _, _ in _actors(head, address)) - before
+    assert workers > 2, "the worker group was never restarted"
+    assert _alive_nodes(head, address) == 1
+    _assert_same_factors(load_file(str(tmp_path / "out" / "factors" / "factors.safetensors")),
+                         one_worker[0])
