@@ -22,6 +22,7 @@ import torch
 from cluster.allreduce import allreduce_sum, world
 from cluster.batches import TokenizeConfig, to_tensors
 from cluster.model_io import load_model, load_tokenizer
+from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads, storage_uri
 from operators.curvature import NONFINITE, Curvature, covariance_pass, lambda_pass
 from operators.factors import DampingConfig, eigendecompose
@@ -67,12 +68,15 @@ def zero_stats(units: list[Unit], which: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shard_batches(shard, tokenizer, spec: FactorSpec, batch_size: int, device: str, counter):
+def _shard_batches(shard, tokenizer, spec: FactorSpec, batch_size: int, device: str, counter,
+                   progress=None):
     for columns in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
         batch = to_tensors(columns, tokenizer, spec.tokenize, device)
-        counter["sequences"] += int(batch["input_ids"].shape[0])
-        counter["tokens"] += int(batch["attention_mask"].sum())
+        sequences, tokens = int(batch["input_ids"].shape[0]), int(batch["attention_mask"].sum())
+        counter["sequences"] += sequences
+        counter["tokens"] += tokens
         yield batch
+        report(progress, sequences, tokens)
 
 
 def factor_worker(config: dict) -> None:
@@ -89,18 +93,25 @@ def factor_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     counter = {"sequences": 0, "tokens": 0}
     start = time.perf_counter()
-    batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter)
+    progress = config.get("progress")
+    batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter, progress)
     stats = covariance_pass(model, units, batches, spec.fisher) or zero_stats(units, "covariance")
     stats = allreduce_sum(stats, device)
     eigens = eigendecompose(stats, units)
     lam = None
     if spec.corrected:
-        batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter)
+        batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter,
+                                 progress)
         lam = lambda_pass(model, units, eigens, batches, spec.fisher) or zero_stats(units, "lambda")
         lam = allreduce_sum(lam, device)
     curvature = Curvature.build(eigens, lam, spec.corrected, spec.damping)
     seconds = time.perf_counter() - start
     _report(curvature, stats, lam, units, counter, seconds)
+
+
+def passes(spec: FactorSpec) -> int:
+    """How many times fitting streams the corpus: covariances, then the eigenvalue correction."""
+    return 2 if spec.corrected else 1
 
 
 def _report(curvature, stats, lam, units, counter, seconds) -> None:
@@ -129,18 +140,19 @@ def _report(curvature, stats, lam, units, counter, seconds) -> None:
 
 
 def fit_factors(dataset, spec: FactorSpec, cluster: ClusterConfig, out_dir: Path,
-                storage: str | Path, max_failures: int = 2) -> dict:
+                storage: str | Path, max_failures: int = 2, progress=None) -> dict:
     """Run the worker group on ``dataset`` (a Ray Dataset of id/prompt/response rows).
 
     Writes ``out_dir/factors.safetensors`` and ``out_dir/units.json`` and returns the
     throughput metrics. A worker that dies is retried up to ``max_failures`` times from scratch:
-    fitting is deterministic, so the factors equal an undisturbed run's.
+    fitting is deterministic, so the factors equal an undisturbed run's. ``progress``: a
+    ``cluster.progress.Progress`` counter the workers feed (``passes(spec)`` × rows in all).
     """
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     trainer = TorchTrainer(
         factor_worker,
-        train_loop_config={"spec": spec, "cluster": cluster},
+        train_loop_config={"spec": spec, "cluster": cluster, "progress": progress},
         scaling_config=cluster.scaling(),
         torch_config=TorchConfig(backend=cluster.backend),
         datasets={"train": dataset},

@@ -5,14 +5,15 @@
 2. ``score_corpus``: ``map_batches`` with the stateful ``Scorer`` (``concurrency=N``): each actor
    loads the model and the preconditioned queries once, then maps batches of rows to their raw
    per-query-batch scores (a fixed-size list column ``raw``), passing the row's columns through.
-3. ``finalize``: streams the raw shards twice (column scales, then scores and ranks) and writes
-   one row per training id with ``score`` and ``rank``; memory stays flat in the corpus size
-   except for the (id, score) pair per row needed to rank.
+3. ``finalize``: streams the raw shards (column scales; ids and scores; the rows) and writes
+   ranked shards, one row per training id with ``score`` and ``rank``; memory holds one record
+   batch and the (id, score, rank) of each row needed to rank, never the corpus's text.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +27,12 @@ import torch
 from cluster.batches import TokenizeConfig, iter_row_batches, to_tensors
 from cluster.factor_job import load_curvature
 from cluster.model_io import load_model, load_tokenizer
+from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads
 from operators.scores import InfluenceConfig, precondition_queries, score_batch
 from operators.units import discover_units
+
+BATCH_ROWS = 4096  # rows per record batch when streaming the scored shards
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,10 @@ def precondition(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | Non
 class Scorer:
     """Stateful ``map_batches`` callable: rows → rows + ``raw`` scores ``[num_query_batches]``."""
 
-    def __init__(self, spec: ScoreSpec, features_ref: list, cluster: ClusterConfig) -> None:
+    def __init__(self, spec: ScoreSpec, features_ref: list, cluster: ClusterConfig,
+                 progress=None) -> None:
         import ray
+        self.progress = progress
         pin_threads(cluster.threads_per_worker)
         self.device = device_for(cluster)
         self.spec = spec
@@ -86,19 +92,23 @@ class Scorer:
         raw = raw.cpu().numpy().astype(np.float64)
         flat = pa.array(raw.reshape(-1), type=pa.float64())
         tokens = pa.array(batch["attention_mask"].sum(1).cpu().numpy(), type=pa.int64())
+        report(self.progress, len(table), pa.compute.sum(tokens).as_py() or 0)
         table = table.append_column("n_tokens", tokens)
         return table.append_column("raw", pa.FixedSizeListArray.from_arrays(flat, raw.shape[1]))
 
 
 def score_corpus(dataset, spec: ScoreSpec, features: dict[str, torch.Tensor],
-                 cluster: ClusterConfig, raw_dir: Path) -> dict:
-    """Stream ``dataset`` through an actor pool; write raw score shards to ``raw_dir``."""
+                 cluster: ClusterConfig, raw_dir: Path, progress=None) -> dict:
+    """Stream ``dataset`` through an actor pool; write raw score shards to ``raw_dir``.
+
+    ``progress``: a ``cluster.progress.Progress`` counter the actors feed after each batch.
+    """
     import ray
     features_ref = [ray.put({k: v.cpu() for k, v in features.items()})]  # put once, shared
     start = time.perf_counter()
     scored = dataset.map_batches(
         Scorer, fn_constructor_kwargs={"spec": spec, "features_ref": features_ref,
-                                       "cluster": cluster},
+                                       "cluster": cluster, "progress": progress},
         batch_size=cluster.batch_size, batch_format="pyarrow", concurrency=cluster.num_workers,
         num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker or None)
     scored.write_parquet(str(raw_dir))
@@ -116,7 +126,7 @@ def _column_scales(files: list[Path]) -> np.ndarray:
     """Unbiased standard deviation of each raw column over the finite rows (streamed)."""
     n, total, squares = 0, None, None
     for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(columns=["raw"]):
+        for batch in _batches(path, ["raw"]):
             raw = _raw_matrix(batch.column(0))
             raw = raw[np.isfinite(raw).all(axis=1)]
             n += raw.shape[0]
@@ -144,30 +154,62 @@ def aggregate_rows(raw: np.ndarray, scales: np.ndarray, how: str) -> np.ndarray:
     return score
 
 
-def finalize(raw_dir: Path, out_path: Path, how: str) -> dict:
-    """Write ``out_path`` (one Parquet file): every row with ``score`` and ``rank``, once each."""
+def finalize(raw_dir: Path, out_dir: Path, how: str) -> dict:
+    """Write ``out_dir/part-*.parquet``: every row with ``score`` and ``rank``, once each.
+
+    Streams the raw shards three times (column scales; ids and scores; the rows themselves), so
+    memory holds one record batch plus an (id, score, rank) triple per row, not the corpus. The
+    folder appears under its final name only when complete.
+    """
     files = sorted(raw_dir.glob("*.parquet"))
     scales = _column_scales(files)
-    tables = []
-    for path in files:
-        table = pq.read_table(path)
-        score = aggregate_rows(_raw_matrix(table.column("raw")), scales, how)
-        tables.append(table.append_column("score", pa.array(score, type=pa.float64())))
-    table = pa.concat_tables(tables) if tables else pa.table({})
-    ids = table.column("id").to_pylist()
-    if len(set(ids)) != len(ids):
-        raise RuntimeError(f"scoring produced duplicate ids under {raw_dir}: a retry wrote twice")
-    score = table.column("score").to_numpy()
-    order = np.lexsort((np.array(ids, dtype=object).astype(str),
-                        -np.nan_to_num(score, nan=-np.inf)))
+    ids, score = _ids_and_scores(files, scales, how, raw_dir)
+    order = np.lexsort((ids.astype(str), -np.nan_to_num(score, nan=-np.inf)))
     rank = np.empty(len(ids), dtype=np.int64)
     rank[order] = np.arange(1, len(ids) + 1)
-    table = table.append_column("rank", pa.array(rank)).take(pa.array(order))
-    front = ["id", "score", "rank"]
-    table = table.select(front + [c for c in table.column_names if c not in front])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(out_path)
-    bad = [ids[i] for i in np.nonzero(~np.isfinite(score))[0]]
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    offset = 0
+    for number, path in enumerate(files):
+        offset = _write_ranked(path, tmp / f"part-{number:05d}.parquet", scales, how, rank, offset)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.replace(out_dir)
+    bad = [str(ids[i]) for i in np.nonzero(~np.isfinite(score))[0]]
     return {"rows": len(ids), "nonfinite_ids": bad[:100], "nonfinite": len(bad)}
+
+
+def _batches(path: Path, columns: list[str] | None = None):
+    yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns)
+
+
+def _ids_and_scores(files: list[Path], scales: np.ndarray, how: str, raw_dir: Path):
+    """Every row's id and final score, in file order; a repeated id is an error."""
+    ids, scores, seen = [], [], set()
+    for path in files:
+        for batch in _batches(path, ["id", "raw"]):
+            chunk = batch.column(0).to_pylist()
+            seen.update(chunk)
+            ids.extend(chunk)
+            scores.append(aggregate_rows(_raw_matrix(batch.column(1)), scales, how))
+    if len(seen) != len(ids):
+        raise RuntimeError(f"scoring produced duplicate ids under {raw_dir}: a retry wrote twice")
+    return np.array(ids, dtype=object), (np.concatenate(scores) if scores else np.zeros(0))
+
+
+def _write_ranked(path: Path, out: Path, scales, how: str, rank: np.ndarray, offset: int) -> int:
+    """One raw shard with ``score`` and ``rank`` in front; returns the next row offset."""
+    writer = None
+    for batch in _batches(path):
+        score = aggregate_rows(_raw_matrix(batch.column("raw")), scales, how)
+        table = pa.Table.from_batches([batch])
+        table = table.append_column("score", pa.array(score, type=pa.float64()))
+        table = table.append_column("rank", pa.array(rank[offset:offset + len(score)]))
+        front = ["id", "score", "rank"]
+        table = table.select(front + [c for c in table.column_names if c not in front])
+        writer = writer or pq.ParquetWriter(out, table.schema)
+        writer.write_table(table)
+        offset += len(score)
+    if writer is not None:
+        writer.close()
+    return offset

@@ -8,6 +8,7 @@ from demo_assets import save_demo_model
 from cluster.batches import TokenizeConfig
 from cluster.datasets import read_prepared
 from cluster.factor_job import FactorSpec, fit_factors, load_curvature
+from cluster.progress import Progress
 from cluster.runtime import ClusterConfig
 from cluster.scoring import ScoreSpec, finalize, precondition, score_corpus
 from operators.scores import InfluenceConfig
@@ -32,19 +33,28 @@ def cluster_of(n):
     return ClusterConfig(num_workers=n, cpus_per_worker=0.5, batch_size=16)
 
 
-def fit(ray, assets, n, root):
+def fit(ray, assets, n, root, progress=None):
     corpus, model_dir, train = assets
     spec = FactorSpec(model_path=str(model_dir), dtype="float64",
                       tokenize=TokenizeConfig(max_length=64))
     metrics = fit_factors(read_prepared(train, cluster_of(n)), spec, cluster_of(n),
-                          root / "factors", root / "ray")
+                          root / "factors", root / "ray", progress=progress)
     return metrics, load_curvature(root / "factors")[0]
 
 
+def live(label, total, lines):
+    """A progress display that logs every poll (no terminal in tests)."""
+    return Progress(label, total, lines.append, every_s=0.0, poll_s=0.05, tty=False)
+
+
 def test_two_workers_fit_the_same_factors_and_scores_as_one(ray_local, assets, tmp_path):
+    rows, lines = len(assets[0].train), []
     m1, one = fit(ray_local, assets, 1, tmp_path / "w1")
-    m2, two = fit(ray_local, assets, 2, tmp_path / "w2")
-    assert m1["sequences"] == m2["sequences"] == len(assets[0].train)
+    with live("fit_factors", 2 * rows, lines) as progress:
+        m2, two = fit(ray_local, assets, 2, tmp_path / "w2", progress.counter)
+    assert m1["sequences"] == m2["sequences"] == rows
+    assert progress.done[0] == 2 * rows  # both passes, both workers, every row once each
+    assert any(f"/{2 * rows} sequences" in line and "seq/s" in line for line in lines)
     for name in one.eigens:
         torch.testing.assert_close(two.lambdas[name], one.lambdas[name], rtol=1e-6, atol=1e-12)
         a1, a2 = one.eigens[name].a, two.eigens[name].a
@@ -58,10 +68,12 @@ def test_two_workers_fit_the_same_factors_and_scores_as_one(ray_local, assets, t
     results = {}
     for n, root in ((1, tmp_path / "w1"), (2, tmp_path / "w2")):
         feats = precondition(spec, queries, root / "factors")
-        score_corpus(read_prepared(train, cluster_of(n)), spec, feats, cluster_of(n),
-                     root / "raw")
-        finalize(root / "raw", root / "scores.parquet", "max")
-        results[n] = pq.read_table(root / "scores.parquet").to_pandas().set_index("id")
+        with live("score", rows, lines) as progress:
+            score_corpus(read_prepared(train, cluster_of(n)), spec, feats, cluster_of(n),
+                         root / "raw", progress.counter)
+        assert progress.done[0] == rows
+        finalize(root / "raw", root / "ranked", "max")
+        results[n] = pq.read_table(root / "ranked").to_pandas().set_index("id")
     s1, s2 = results[1], results[2]
     assert sorted(s1.index) == sorted(r["id"] for r in corpus.train)  # every id exactly once
     assert s1.index.is_unique and s2.index.is_unique

@@ -108,9 +108,9 @@ def test_a_scoring_actor_killed_mid_stream_still_scores_every_id_once(assets):
                                delay=0.0)
     score_corpus(read_prepared(root / "big.parquet", CLUSTER), spec, features, CLUSTER, raw)
     thread.join(timeout=5)
-    finalize(raw, root / "ranked.parquet", "max")
+    finalize(raw, root / "ranked", "max")
     assert killed, "no scoring actor was killed"
-    ids = pq.read_table(root / "ranked.parquet", columns=["id"]).column("id").to_pylist()
+    ids = pq.read_table(root / "ranked", columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 4 * len(corpus.train)
 
 

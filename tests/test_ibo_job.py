@@ -47,8 +47,8 @@ def selected(tmp_path_factory):
     spec = ScoreSpec(str(model_dir), tokenize=TOKENS)
     score_corpus(read_prepared(train, CLUSTER), spec, precondition(spec, queries, root / "factors"),
                  CLUSTER, root / "raw")
-    finalize(root / "raw", root / "ranked.parquet", "max")
-    write_selection(root / "ranked.parquet", SelectionConfig(), root / "scores", root / "select",
+    finalize(root / "raw", root / "ranked", "max")
+    write_selection(root / "ranked", SelectionConfig(), root / "scores", root / "select",
                     "planted")
     yield corpus, model_dir, root
     ray.shutdown()

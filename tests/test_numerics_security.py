@@ -54,9 +54,9 @@ def test_a_nan_sample_is_reported_by_id_and_the_others_keep_their_scores(tmp_pat
     (tmp_path / "raw").mkdir()
     pq.write_table(pa.table({"id": ids, "raw": pa.FixedSizeListArray.from_arrays(flat, 2)}),
                    tmp_path / "raw" / "0.parquet")
-    summary = finalize(tmp_path / "raw", tmp_path / "ranked.parquet", "max")
+    summary = finalize(tmp_path / "raw", tmp_path / "ranked", "max")
     assert summary["nonfinite_ids"] == ["s2"]
-    table = pq.read_table(tmp_path / "ranked.parquet").to_pydict()
+    table = pq.read_table(tmp_path / "ranked").to_pydict()
     ranked = dict(zip(table["id"], table["rank"]))
     assert ranked["s2"] == 6  # last
     assert all(np.isfinite(s) for i, s in zip(table["id"], table["score"]) if i != "s2")

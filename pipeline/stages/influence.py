@@ -9,7 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from cluster.datasets import read_prepared
-from cluster.factor_job import fit_factors
+from cluster.factor_job import fit_factors, passes
+from cluster.progress import Progress
 from cluster.runtime import connect
 from cluster.scoring import finalize, precondition, score_corpus
 from pipeline import specs
@@ -17,12 +18,16 @@ from pipeline.dag import StageContext
 from pipeline.fingerprints import data_fingerprint, model_fingerprint
 from pipeline.stages.prepare import model_dir
 
-RANKED = "ranked.parquet"
+RANKED = "ranked"  # a folder of ranked shards (cluster.scoring.finalize)
 
 
 def storage(ctx: StageContext) -> str:
     """Ray Train's storage: configured shared storage (a folder or a URI), or the cache's."""
     return ctx.cfg.cluster.storage_path or str(Path(ctx.cfg.cache_dir) / "_ray_train")
+
+
+def rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def run_fit(ctx: StageContext) -> dict:
@@ -38,8 +43,10 @@ def run_fit(ctx: StageContext) -> dict:
     cluster = specs.cluster(cfg)
     connect(cluster)
     spec = specs.factor_spec(cfg, model)
-    metrics = fit_factors(read_prepared(prepared / "train.parquet", cluster), spec, cluster,
-                          ctx.out, storage(ctx), cfg.cluster.max_failures)
+    train = prepared / "train.parquet"
+    with Progress("fit_factors", passes(spec) * rows(train), ctx.log) as progress:
+        metrics = fit_factors(read_prepared(train, cluster), spec, cluster, ctx.out,
+                              storage(ctx), cfg.cluster.max_failures, progress.counter)
     units = json.loads((ctx.out / "units.json").read_text())
     meta.update(units=units, counts={"sequences": metrics["sequences"],
                                      "tokens": metrics["tokens"]},
@@ -60,8 +67,10 @@ def run_score(ctx: StageContext) -> dict:
     factors = ctx.inputs["fit_factors"] if spec.influence.uses_curvature else None
     features = precondition(spec, queries, factors, cluster.batch_size)
     raw_dir = ctx.out / "_raw"
-    metrics = score_corpus(read_prepared(prepared / "train.parquet", cluster), spec, features,
-                           cluster, raw_dir)
+    train = prepared / "train.parquet"
+    with Progress("score", rows(train), ctx.log) as progress:
+        metrics = score_corpus(read_prepared(train, cluster), spec, features, cluster, raw_dir,
+                               progress.counter)
     summary = finalize(raw_dir, ctx.out / RANKED, cfg.influence.aggregate)
     shutil.rmtree(raw_dir)
     if summary["nonfinite"]:
