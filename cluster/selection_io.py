@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.dataio import write_parquet_atomic
 from operators.selection import NEGATIVE, NEUTRAL, POSITIVE, SelectionConfig, make_pairs, select_sets
 
 SCORES_FILE = "scores.parquet"
@@ -24,8 +23,14 @@ def _write_table(table: pa.Table, path: Path) -> None:
 
 def write_selection(ranked: Path, config: SelectionConfig, scores_dir: Path, select_dir: Path,
                     label_column: str | None = None, seed: int = 0) -> dict:
-    """Fill ``set`` with the α rule and write every dataset the correction methods read."""
+    """Fill ``set`` with the α rule and write every dataset the correction methods read.
+
+    ``ranked`` is a Parquet file or a folder of shards; ``scores/`` comes out in rank order. The
+    corpus stays in Arrow columns (no Python object per row): the sets are column filters.
+    """
     table = pq.read_table(ranked)
+    if "rank" in table.column_names:
+        table = table.sort_by("rank")
     table = table.drop([c for c in ("raw", "n_tokens") if c in table.column_names])
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
     sets = select_sets(scores, config)
@@ -33,25 +38,37 @@ def write_selection(ranked: Path, config: SelectionConfig, scores_dir: Path, sel
     table = table.append_column("set", pa.array(sets.tolist(), type=pa.string()))
     table = table.select(front + [c for c in table.column_names if c not in front])
     _write_table(table, scores_dir / SCORES_FILE)
-    rows = table.select(["id", "prompt", "response", "score"]).to_pylist()
-    pairs = [{**{f"pos_{k}": rows[p][k] for k in ("id", "prompt", "response")},
-              **{f"neg_{k}": rows[n][k] for k in ("id", "prompt", "response")}, "eps": eps}
-             for p, n, eps in make_pairs(scores, sets, seed)] if _has_both(sets) else []
-    top = max((r["score"] for r, s in zip(rows, sets) if s == POSITIVE), default=1.0) or 1.0
-    positive = [{**r, "weight": r["score"] / top} for r, s in zip(rows, sets) if s == POSITIVE]
-    neutral = [r for r, s in zip(rows, sets) if s == NEUTRAL]
-    retain = [r for r, s in zip(rows, sets) if s in (NEUTRAL, NEGATIVE)]
-    outputs = {"pairs": pairs, "positive": positive, "neutral": neutral, "retain": retain}
+    core = table.select(["id", "prompt", "response", "score"])
+    outputs = {"pairs": _pairs(core, scores, sets, seed), "positive": _positive(core, sets),
+               "neutral": core.filter(pa.array(sets == NEUTRAL)),
+               "retain": core.filter(pa.array((sets == NEUTRAL) | (sets == NEGATIVE)))}
     if label_column and label_column in table.column_names:
-        labels = table.column(label_column).to_pylist()
-        outputs["clean"] = [r for r, bad in zip(rows, labels) if not bad]
+        bad = table.column(label_column).to_numpy(zero_copy_only=False).astype(bool)
+        outputs["clean"] = core.filter(pa.array(~bad))
     for name, data in outputs.items():
-        if data:
-            write_parquet_atomic(data, select_dir / f"{name}.parquet")
+        if data.num_rows:
+            _write_table(data, select_dir / f"{name}.parquet")
     return {"n_positive": int((sets == POSITIVE).sum()), "n_negative": int((sets == NEGATIVE).sum()),
-            "n_neutral": int((sets == NEUTRAL).sum()), "n_pairs": len(pairs),
+            "n_neutral": int((sets == NEUTRAL).sum()), "n_pairs": outputs["pairs"].num_rows,
             "n_excluded": int((sets == "excluded").sum())}
 
 
+def _pairs(core: pa.Table, scores: np.ndarray, sets: np.ndarray, seed: int) -> pa.Table:
+    """``pos_*``/``neg_*`` columns and ε per pair (none unless both sets exist)."""
+    pairs = make_pairs(scores, sets, seed) if _has_both(sets) else []
+    columns = {}
+    for prefix, side in (("pos_", 0), ("neg_", 1)):
+        picked = core.take(pa.array([p[side] for p in pairs], type=pa.int64()))
+        columns.update({f"{prefix}{k}": picked.column(k) for k in ("id", "prompt", "response")})
+    columns["eps"] = pa.array([p[2] for p in pairs], type=pa.float64())
+    return pa.table(columns)
+
+
+def _positive(core: pa.Table, sets: np.ndarray) -> pa.Table:
+    """The positive set with ``weight`` = score ÷ the largest positive score."""
+    positive = core.filter(pa.array(sets == POSITIVE))
+    score = positive.column("score").to_numpy(zero_copy_only=False)
+    top = float(score.max()) if len(score) else 1.0
+    return positive.append_column("weight", pa.array(score / (top or 1.0), type=pa.float64()))
 def _has_both(sets: np.ndarray) -> bool:
     return bool((sets == POSITIVE).any() and (sets == NEGATIVE).any())
