@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Iterator
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 FORMATS = ("prompt_response", "hh_rlhf", "beavertails")
 SUFFIXES = (".parquet", ".jsonl", ".json")
 ASSISTANT = "\n\nAssistant:"
+CHUNK_ROWS = 8192  # rows turned into Arrow at a time when writing
 
 
 class DataError(ValueError):
@@ -124,30 +126,43 @@ def normalise(item: dict, fmt: str, where: str, require_response: bool) -> dict:
     return out
 
 
-def read_rows(spec: str, fmt: str = "prompt_response", key: str = "data.train",
-              require_response: bool = True) -> list[dict]:
-    """All rows of ``spec``, validated and normalised, ids unique across files."""
+def iter_validated(spec: str, fmt: str = "prompt_response", key: str = "data.train",
+                   require_response: bool = True) -> Iterator[dict]:
+    """Rows of ``spec``, validated and normalised one at a time, ids unique across files.
+
+    Holds only the ids seen (to refuse a repeated one), never the rows: the caller streams them.
+    """
     if fmt not in FORMATS:
         raise DataError(f"data.format={fmt!r}: expected one of {FORMATS}")
-    rows: list[dict] = []
-    seen: dict[str, str] = {}
+    files = resolve_files(spec, key)
+    seen: dict[str, int] = {}  # id -> file index * 2**40 + row number
     columns: tuple[Path, list[str]] | None = None
-    for path in resolve_files(spec, key):
-        start = len(rows)
+    count = 0
+    for index, path in enumerate(files):
+        unit = "line" if path.suffix != ".parquet" else "row"
+        names: set[str] = set()
         for row_no, item in iter_rows(path):
-            unit = "line" if path.suffix != ".parquet" else "row"
             where = f"{path}, {unit} {row_no}"
             out = normalise(item, fmt, where, require_response)
             out["id"] = _row_id(item, path, row_no, where)
-            if out["id"] in seen:
-                raise DataError(f"{where}, column 'id': duplicate id {out['id']!r} "
-                                f"(first at {seen[out['id']]})")
-            seen[out["id"]] = where
-            rows.append(out)
-        columns = _check_same_columns(columns, path, rows[start:])
-    if not rows:
+            first = seen.setdefault(out["id"], index * 2 ** 40 + row_no)
+            if first != index * 2 ** 40 + row_no:
+                earlier = files[first >> 40]
+                raise DataError(f"{where}, column 'id': duplicate id {out['id']!r} (first at "
+                                f"{earlier}, {'line' if earlier.suffix != '.parquet' else 'row'} "
+                                f"{first & (2 ** 40 - 1)})")
+            names.update(out)
+            count += 1
+            yield out
+        columns = _check_same_columns(columns, path, names)
+    if not count:
         raise DataError(f"{key}={spec}: no rows")
-    return rows
+
+
+def read_rows(spec: str, fmt: str = "prompt_response", key: str = "data.train",
+              require_response: bool = True) -> list[dict]:
+    """All rows of ``spec`` in a list (for small inputs: queries, evaluation prompts)."""
+    return list(iter_validated(spec, fmt, key, require_response))
 
 
 def _row_id(item: dict, path: Path, row_no: int, where: str) -> str:
@@ -159,23 +174,78 @@ def _row_id(item: dict, path: Path, row_no: int, where: str) -> str:
     raise DataError(f"{where}, column 'id': expected a non-empty string or integer")
 
 
-def _check_same_columns(previous, path: Path, rows: list[dict]):
-    if not rows:
+def _check_same_columns(previous, path: Path, names: set[str]):
+    if not names:
         return previous
-    names = sorted(set().union(*(r.keys() for r in rows)))
+    names = sorted(names)
     if previous is not None and previous[1] != names:
         raise DataError(f"{path}: columns {names} differ from {previous[0]}'s {previous[1]} "
                         "(shards must share one schema)")
     return (path, names) if previous is None else previous
 
 
-def write_parquet_atomic(rows: list[dict], path: Path) -> None:
-    """Write rows to ``path`` via a temporary name and a rename: never a half-written file."""
+def write_parquet_atomic(rows: Iterable[dict], path: Path, chunk_rows: int = CHUNK_ROWS) -> int:
+    """Stream rows into one Parquet file at ``path``; returns how many were written.
+
+    Rows become Arrow one chunk at a time (the corpus is never held whole); the chunks' types
+    are unified at the end (a column null in the first chunks takes its later type). The file
+    appears under its final name only when complete.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    parts = path.with_name(f".{path.name}.parts")
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir()
     try:
-        table = pa.Table.from_pylist(rows)
+        schemas, count = [], 0
+        for number, chunk in enumerate(_chunks(rows, chunk_rows)):
+            table = _chunk_table(chunk, path)
+            schemas.append(table.schema)
+            pq.write_table(table, parts / f"{number:06d}.parquet")
+            count += table.num_rows
+        _join_parts(sorted(parts.iterdir()), schemas, path)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+    return count
+
+
+def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    chunk: list[dict] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _chunk_table(chunk: list[dict], path: Path) -> pa.Table:
+    """Every key any row of the chunk has (absent: null), its type inferred over all rows."""
+    keys = list(dict.fromkeys(k for row in chunk for k in row))
+    columns = {}
+    for key in keys:
+        try:
+            columns[key] = pa.array([row.get(key) for row in chunk])
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+            raise DataError(f"{path.name}: column '{key}' mixes types ({err})") from err
+    return pa.table(columns)
+
+
+def _join_parts(parts: list[Path], schemas: list[pa.Schema], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    if not parts:
+        pq.write_table(pa.table({}), tmp)
+        tmp.replace(path)
+        return
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise DataError(f"{path.name}: a passthrough column mixes types ({err})") from err
-    pq.write_table(table, tmp)
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for part in parts:
+            table = pq.read_table(part)
+            for field in schema:
+                if field.name not in table.column_names:
+                    table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+            writer.write_table(table.select(schema.names).cast(schema))
     tmp.replace(path)

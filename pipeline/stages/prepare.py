@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cluster.dataio import DataError, read_rows, write_parquet_atomic
+import pyarrow.parquet as pq
+
+from cluster.dataio import DataError, iter_validated, read_rows, write_parquet_atomic
 from cluster.model_io import check_model_dir, load_model, load_tokenizer
 from operators.generation import greedy_generate
 from operators.sequences import SequenceTooLongError, encode
@@ -29,28 +31,31 @@ def run(ctx: StageContext) -> dict:
 
 
 def _bring_your_own(cfg: LancetConf, out: Path) -> dict:
+    """Validate and write the user's data; the corpus streams through (never held whole)."""
     if not cfg.model.path:
         raise ValueError("model.path is empty: give your model directory with data.train")
     check_model_dir(cfg.model.path)
     if not cfg.data.queries:
         raise DataError("data.queries is empty: give the undesirable outputs observed")
-    train = read_rows(cfg.data.train, cfg.data.format, "data.train")
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
+    stats = {"rows": 0, "tokens": 0, "truncated": 0}
+    train = _checked(iter_validated(cfg.data.train, cfg.data.format, "data.train"), tokenizer,
+                     cfg, "data.train", stats)
+    write_parquet_atomic(train, out / "train.parquet")
+    label = cfg.data.label_column
+    if label and label not in pq.read_schema(out / "train.parquet").names:
+        raise DataError(f"data.label_column={label!r}: no such column in data.train")
     queries = read_rows(cfg.data.queries, cfg.data.format, "data.queries")
+    _check_lengths(queries, tokenizer, cfg, "data.queries")
     evals = (read_rows(cfg.data.eval, cfg.data.format, "data.eval", require_response=False)
              if cfg.data.eval else [])
     clean = read_rows(cfg.data.clean_eval, "prompt_response", "data.clean_eval") \
         if cfg.data.clean_eval else []
-    if cfg.data.label_column and cfg.data.label_column not in train[0]:
-        raise DataError(f"data.label_column={cfg.data.label_column!r}: no such column in "
-                        f"data.train")
-    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
-    stats = _check_lengths(train, tokenizer, cfg, "data.train")
-    _check_lengths(queries, tokenizer, cfg, "data.queries")
-    return _write(out, cfg.model.path, train, queries, evals, clean, cfg.data.label_column, stats)
+    return _write(out, cfg.model.path, None, queries, evals, clean, label, stats)
 
 
-def _check_lengths(rows: list[dict], tokenizer, cfg: LancetConf, key: str) -> dict:
-    truncated, tokens = 0, 0
+def _checked(rows, tokenizer, cfg: LancetConf, key: str, stats: dict):
+    """Pass rows through, refusing one too long (unless truncating) and counting tokens."""
     for row in rows:
         try:
             enc = encode(tokenizer, row["prompt"], row["response"], cfg.model.max_length,
@@ -58,9 +63,17 @@ def _check_lengths(rows: list[dict], tokenizer, cfg: LancetConf, key: str) -> di
         except SequenceTooLongError as err:
             raise DataError(f"{key}, id {row['id']!r}: {err} (model.max_length="
                             f"{cfg.model.max_length}; set model.truncate=true to cut)") from err
-        truncated += enc.truncated
-        tokens += len(enc.input_ids)
-    return {"rows": len(rows), "tokens": tokens, "truncated": truncated}
+        stats["rows"] += 1
+        stats["truncated"] += enc.truncated
+        stats["tokens"] += len(enc.input_ids)
+        yield row
+
+
+def _check_lengths(rows: list[dict], tokenizer, cfg: LancetConf, key: str) -> dict:
+    stats = {"rows": 0, "tokens": 0, "truncated": 0}
+    for _ in _checked(rows, tokenizer, cfg, key, stats):
+        pass
+    return stats
 
 
 def _demo(cfg: LancetConf, out: Path, log) -> dict:
@@ -92,7 +105,9 @@ def _demo(cfg: LancetConf, out: Path, log) -> dict:
 
 
 def _write(out: Path, model_path: str | None, train, queries, evals, clean, label, stats) -> dict:
-    write_parquet_atomic(train, out / "train.parquet")
+    """The prepared files (``train=None``: already written) and ``info.json``."""
+    if train is not None:
+        write_parquet_atomic(train, out / "train.parquet")
     write_parquet_atomic(queries, out / "queries.parquet")
     if evals:
         write_parquet_atomic(evals, out / "eval.parquet")
