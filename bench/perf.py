@@ -1,11 +1,10 @@
-"""Performance ratios: memory of the curvature, scoring vs training, batched queries, workers,
-peak RSS against corpus size, IBO step time, and the sweep's reuse of fit_factors."""
+"""Performance ratios: memory of the curvature, scoring vs training, batched queries, and the
+sweep's reuse of fit_factors (peak RSS of scoring: bench/memory.py; workers: bench/workers.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -80,43 +79,6 @@ def scoring_vs_training(model, tok, rows, queries) -> dict:
             "32 queries at B=1 ÷ 1 query": timed(scoring(single)) / t_one}
 
 
-RSS_SCRIPT = """
-import resource, sys, torch
-sys.path.insert(0, {root!r})
-torch.set_num_threads(1)
-from bench.recall import batches
-from bench.scenarios import scenario
-from operators.curvature import fit_curvature
-from operators.scores import InfluenceConfig, precondition_queries, score_batch
-from operators.units import discover_units
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained({model!r}, attn_implementation="eager").eval()
-tok = AutoTokenizer.from_pretrained({model!r})
-corpus, _ = scenario("harm", 0.1)
-units = discover_units(model, "linfac")
-curv = fit_curvature(model, units, batches(tok, corpus.train[:64]))
-feats = precondition_queries(model, units, batches(tok, corpus.train[:4]), InfluenceConfig(), curv)
-rows = corpus.train * {factor}
-kept = 0
-for start in range(0, len(rows), 32):  # streamed like a scoring actor: one batch at a time
-    b = batches(tok, rows[start:start + 32])[0]
-    kept += score_batch(model, units, b, feats, InfluenceConfig()).shape[0]
-print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, kept)
-"""
-
-
-def peak_rss(model_dir: Path) -> dict:
-    out = {}
-    for factor in (1, 10):
-        code = RSS_SCRIPT.format(root=str(ROOT), model=str(model_dir), factor=factor)
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=1800)
-        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RSS"))
-        out[factor] = int(line.split()[1]) / 1024  # MiB
-    return {"peak RSS 1× (MiB)": out[1], "peak RSS 10× (MiB)": out[10],
-            "peak RSS 10× ÷ 1×": out[10] / out[1]}
-
-
 def sweep_reuse(tmp: Path) -> dict:
     env_cmd = [sys.executable, "-m", "pipeline"]
     common = ["debug=tiny", "cluster.local_cpus=2", "pipeline.until=select", "pipeline.summary=false"]
@@ -135,7 +97,3 @@ def sweep_reuse(tmp: Path) -> dict:
                for job in (tmp / "sweep_out").iterdir() if (job / "run.json").is_file())
     return {"fit_factors runs in a 3×2 sweep": fits, "sweep time ÷ single run": swept / single,
             "single run (s)": single, "sweep (s)": swept}
-
-
-def max_rss_self() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench import correction, lds, perf, recall
+from bench import correction, lds, memory, perf, recall
 from bench.scenarios import scenario
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -161,8 +161,8 @@ def perf_section(keep: dict, work: Path, extra: dict, quick: bool) -> list[str]:
     log("scoring vs training")
     ratios.update(perf.scoring_vs_training(keep["model"], keep["tok"], keep["corpus"].train,
                                            keep["queries"]))
-    log("peak RSS")
-    ratios.update(perf.peak_rss(work / "corr" / "model"))
+    log("peak memory of scoring")
+    ratios.update(memory.scoring_memory(keep["corpus"], work / "corr" / "model", work, quick))
     from bench.workers import worker_scaling
     log("worker scaling")
     ratios.update(worker_scaling(keep["corpus"], work, quick))
