@@ -41,7 +41,8 @@ test: $(STAMP) test-hosts  ## the whole suite CI can afford: fast math, real Ray
 # The two-node test makes two hosts with iproute2's `ip netns` (root); it skips, saying why, without.
 test-hosts:
 	@command -v ip >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2 >/dev/null; } || \
+	  { apt-get update -q >/dev/null; DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -q iproute2 >/dev/null; }; } || \
 	  echo "note: iproute2 unavailable; tests/test_two_nodes.py will skip"
 
 test-fast: $(STAMP)  ## only the float64 math tests (no Ray)
