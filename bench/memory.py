@@ -13,13 +13,10 @@ Two parts, each the code the pipeline runs:
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,11 +25,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bench.standalone import run_section
 from cluster.batches import TokenizeConfig
 from cluster.dataio import write_parquet_atomic
 from cluster.datasets import read_prepared
 from cluster.factor_job import FactorSpec, fit_factors
-from cluster.runtime import ClusterConfig, connect
+from cluster.runtime import ClusterConfig
 from cluster.scoring import ScoreSpec, precondition, score_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,26 +163,15 @@ def scoring_memory(corpus, model_dir: Path, work: Path, quick: bool = False) -> 
     return out
 
 
-def main() -> None:
+def _measure(work: Path, quick: bool) -> dict:
     from bench.recall import trained
     from bench.scenarios import scenario
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    connect(ClusterConfig(num_cpus_local=2))
-    work = Path(tempfile.mkdtemp(prefix="lancet_memory_"))
-    try:
-        corpus, patterns = scenario("harm", 0.1)
-        model, tok, _ = trained(corpus, patterns)
-        model.save_pretrained(work / "model")
-        tok.save_pretrained(work / "model")
-        for key, value in scoring_memory(corpus, work / "model", work, args.quick).items():
-            print(f"| {key} | {value if isinstance(value, str) else f'{value:.3f}'} |")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print("max RSS of this driver (MiB):",
-          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    corpus, patterns = scenario("harm", 0.1)
+    model, tok, _ = trained(corpus, patterns)
+    model.save_pretrained(work / "model")
+    tok.save_pretrained(work / "model")
+    return scoring_memory(corpus, work / "model", work, quick)
 
 
 if __name__ == "__main__":
-    main()
+    run_section("memory", _measure)

@@ -11,16 +11,14 @@ start, Ray Data pipeline start on every pass, actor start and model load.
 
 from __future__ import annotations
 
-import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
+from bench.standalone import run_section
 from cluster.batches import TokenizeConfig
 from cluster.dataio import write_parquet_atomic
 from cluster.datasets import read_prepared
 from cluster.factor_job import FactorSpec, fit_factors
-from cluster.runtime import ClusterConfig, connect
+from cluster.runtime import ClusterConfig
 from cluster.scoring import ScoreSpec, precondition, score_corpus
 from pipeline.demo.model import TinyModelConfig, build_model, train_tokenizer
 
@@ -91,19 +89,10 @@ def worker_scaling(corpus, work: Path, quick: bool = False) -> dict:
                 f"{WIDE.width}, {WIDE.layers} layers; 0.5 CPU and 1 thread per worker")}
 
 
-def main() -> None:
+def _measure(work: Path, quick: bool) -> dict:
     from pipeline.demo.corpus import build_corpus
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    connect(ClusterConfig(num_cpus_local=2))
-    work = Path(tempfile.mkdtemp(prefix="lancet_workers_"))
-    try:
-        for key, value in worker_scaling(build_corpus(seed=0), work, args.quick).items():
-            print(f"| {key} | {value if isinstance(value, str) else f'{value:.3f}'} |")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return worker_scaling(build_corpus(seed=0), work, quick)
 
 
 if __name__ == "__main__":
-    main()
+    run_section("workers", _measure)
