@@ -2,7 +2,8 @@
 
 Workers add what they processed to a zero-CPU counter actor (one fire-and-forget call per
 batch); a thread on the driver polls it and draws a bar on a terminal, or writes a log line
-every ``every_s`` seconds otherwise (``ray job submit`` logs, CI).
+every ``every_s`` seconds otherwise (``ray job submit`` logs, CI). Workers get the actor's name,
+not its handle, so no handle outlives the display inside a trainer's or a dataset's config.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 
 
@@ -25,10 +27,22 @@ class _Counter:
         return self.sequences, self.tokens
 
 
-def report(counter, sequences: int, tokens: int) -> None:
-    """Called by a worker after each batch; ``counter`` may be None (no display)."""
-    if counter is not None:
-        counter.add.remote(int(sequences), int(tokens))
+_HANDLES: dict[str, object] = {}  # per worker process: counter name -> handle (None: gone)
+
+
+def report(counter: str | None, sequences: int, tokens: int) -> None:
+    """Called by a worker after each batch; ``counter`` (a name) may be None: no display."""
+    if counter is None:
+        return
+    import ray
+    if counter not in _HANDLES:
+        try:
+            _HANDLES[counter] = ray.get_actor(counter)
+        except ValueError:  # the display ended or its actor was lost: work goes on without it
+            _HANDLES[counter] = None
+    handle = _HANDLES[counter]
+    if handle is not None:
+        handle.add.remote(int(sequences), int(tokens))
 
 
 class Progress:
@@ -40,7 +54,8 @@ class Progress:
         self.label, self.total, self.log = label, max(int(total), 1), log
         self.every_s, self.poll_s = every_s, poll_s
         self.tty = sys.stderr.isatty() if tty is None else tty
-        self.counter = ray.remote(num_cpus=0)(_Counter).remote()
+        self.counter = f"lancet-progress-{uuid.uuid4().hex}"  # what the workers are given
+        self._actor = ray.remote(num_cpus=0)(_Counter).options(name=self.counter).remote()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._start = time.perf_counter()
@@ -62,12 +77,13 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
         import ray
-        ray.kill(self.counter)
+        ray.kill(self._actor)
+        self._actor = None
 
     def _read(self) -> tuple[int, int]:
         import ray
         try:
-            return ray.get(self.counter.read.remote(), timeout=10)
+            return ray.get(self._actor.read.remote(), timeout=10)
         except Exception:  # a display must never fail the stage
             return 0, 0
 
