@@ -92,8 +92,10 @@ rows = finalize(Path({src!r}), Path({out!r}), "max")["rows"]
 from cluster.dataio import iter_validated, write_parquet_atomic
 rows = write_parquet_atomic(iter_validated({src!r}), Path({out!r}))
 """}
-HEAD = "import resource, sys\nfrom pathlib import Path\nsys.path.insert(0, {root!r})\n"
-TAIL = "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rows)\n"
+HEAD = "import sys\nfrom pathlib import Path\nsys.path.insert(0, {root!r})\n"
+# VmHWM: this process's own peak (ru_maxrss is inherited across exec from a larger parent)
+TAIL = ("hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "print('RSS', hwm.split()[1], rows)\n")
 
 
 def fresh_peak(kind: str, src: Path, out: Path) -> float:
