@@ -172,7 +172,7 @@ def finalize(raw_dir: Path, out_dir: Path, how: str) -> dict:
     tmp.mkdir(parents=True)
     offset = 0
     for number, path in enumerate(files):
-        offset = _write_ranked(path, tmp / f"part-{number:05d}.parquet", scales, how, rank, offset)
+        offset = _write_ranked(path, tmp / f"part-{number:05d}.parquet", score, rank, offset)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     bad = [str(ids[i]) for i in np.nonzero(~np.isfinite(score))[0]]
@@ -197,19 +197,20 @@ def _ids_and_scores(files: list[Path], scales: np.ndarray, how: str, raw_dir: Pa
     return np.array(ids, dtype=object), (np.concatenate(scores) if scores else np.zeros(0))
 
 
-def _write_ranked(path: Path, out: Path, scales, how: str, rank: np.ndarray, offset: int) -> int:
-    """One raw shard with ``score`` and ``rank`` in front; returns the next row offset."""
+def _write_ranked(path: Path, out: Path, score: np.ndarray, rank: np.ndarray, offset: int) -> int:
+    """One raw shard with ``score`` and ``rank`` (the whole corpus's, from ``offset``) in front;
+    returns the next row offset."""
     writer = None
     for batch in _batches(path):
-        score = aggregate_rows(_raw_matrix(batch.column("raw")), scales, how)
+        rows = slice(offset, offset + batch.num_rows)
         table = pa.Table.from_batches([batch])
-        table = table.append_column("score", pa.array(score, type=pa.float64()))
-        table = table.append_column("rank", pa.array(rank[offset:offset + len(score)]))
+        table = table.append_column("score", pa.array(score[rows], type=pa.float64()))
+        table = table.append_column("rank", pa.array(rank[rows]))
         front = ["id", "score", "rank"]
         table = table.select(front + [c for c in table.column_names if c not in front])
         writer = writer or pq.ParquetWriter(out, table.schema)
         writer.write_table(table)
-        offset += len(score)
+        offset += batch.num_rows
     if writer is not None:
         writer.close()
     return offset
