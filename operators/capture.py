@@ -107,13 +107,19 @@ def _grad_setter(record: UnitRecord):
     return setter
 
 
+def unit_gradient(cap: Capture, unit: Unit, token_mask: Tensor) -> Tensor:
+    """One unit's per-sequence gradients ``DŴ = Σ_t Ds_t κ_tᵀ``: ``[B, d_out, d_in (+1)]``.
+
+    Summed in float32 (float64 for a float64 model): a bfloat16 pass is upcast first.
+    """
+    grad, kappa = cap.output_grad(unit, token_mask), cap.kappa(unit, token_mask)
+    dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return torch.einsum("bto,bti->boi", grad.to(dtype), kappa.to(dtype))
+
+
 def unit_gradients(cap: Capture, units: list[Unit], token_mask: Tensor) -> dict[str, Tensor]:
-    """Per-sequence unit gradients ``DŴ = Σ_t Ds_t κ_tᵀ``: name -> ``[B, d_out, d_in (+1)]``."""
-    return {
-        unit.name: torch.einsum("bto,bti->boi", cap.output_grad(unit, token_mask),
-                                cap.kappa(unit, token_mask))
-        for unit in units
-    }
+    """Per-sequence unit gradients of every unit: name -> ``[B, d_out, d_in (+1)]``."""
+    return {unit.name: unit_gradient(cap, unit, token_mask) for unit in units}
 
 
 @contextmanager

@@ -20,13 +20,14 @@ from operators.factors import (
     DampingConfig,
     Eigen,
     FactorDict,
-    covariance_stats,
+    add_covariance,
+    add_lambda,
     damping_value,
     eigendecompose,
     eigenvalues,
     ihvp,
-    lambda_stats,
-    merge,
+    rotated_gradients,
+    stat_dtype,
 )
 from operators.sequences import sequence_losses
 from operators.units import Unit
@@ -73,24 +74,40 @@ def batch_gradients(model: nn.Module, units: list[Unit], batch: dict[str, Tensor
 
 def covariance_pass(model: nn.Module, units: list[Unit], batches: Iterable[dict[str, Tensor]],
                     fisher: str = "sampled", seed: int = 0) -> FactorDict | None:
-    """Σ κκᵀ, Σ Ds Dsᵀ and token counts over ``batches`` (None if there were none)."""
+    """Σ κκᵀ, Σ Ds Dsᵀ and token counts over ``batches`` (None if there were none).
+
+    Sums are added in place on the batches' device: one copy of the statistics, whatever the
+    number of batches.
+    """
     generator = torch.Generator().manual_seed(seed)
-    total = None
+    total: FactorDict | None = None
     for batch in batches:
         cap = capture_pass(model, units, batch, sampled=fisher == "sampled", generator=generator)
-        mask = batch["attention_mask"]
-        pairs = {u.name: (cap.kappa(u, mask), cap.output_grad(u, mask)) for u in units}
-        keep = finite_rows([t for pair in pairs.values() for t in pair])
-        mask = mask * keep.unsqueeze(1)
-        part: FactorDict = {NONFINITE: (~keep).sum().double().reshape(1)}
+        pairs, keep = _finite_pairs(cap, units, batch["attention_mask"])
+        mask = batch["attention_mask"] * keep.unsqueeze(1)
+        total = {} if total is None else total
+        _count_nonfinite(total, keep)
         for unit in units:
-            kappa, grad = (_zero_rows(t, keep) for t in pairs[unit.name])
-            part.update(covariance_stats(kappa, grad, unit.name, mask))
-        total = merge(total, part)
+            add_covariance(total, *pairs[unit.name], unit.name, mask)
     return total
 
 
 NONFINITE = "_nonfinite/sequences"
+
+
+def _finite_pairs(cap: Capture, units: list[Unit], mask: Tensor
+                  ) -> tuple[dict[str, tuple[Tensor, Tensor]], Tensor]:
+    """Each unit's (κ, Ds) with the sequences holding a NaN/inf zeroed, and ``keep [B]``."""
+    pairs = {u.name: (cap.kappa(u, mask), cap.output_grad(u, mask)) for u in units}
+    keep = finite_rows([t for pair in pairs.values() for t in pair])
+    pairs = {name: (_zero_rows(k, keep), _zero_rows(g, keep)) for name, (k, g) in pairs.items()}
+    return pairs, keep
+
+
+def _count_nonfinite(total: FactorDict, keep: Tensor) -> None:
+    if NONFINITE not in total:
+        total[NONFINITE] = torch.zeros(1, dtype=torch.float64, device=keep.device)
+    total[NONFINITE] += (~keep).sum().to(torch.float64)
 
 
 def finite_rows(tensors: list[Tensor]) -> Tensor:
@@ -112,17 +129,27 @@ def _zero_rows(t: Tensor, keep: Tensor) -> Tensor:
 def lambda_pass(model: nn.Module, units: list[Unit], eigens: dict[str, Eigen],
                 batches: Iterable[dict[str, Tensor]], fisher: str = "sampled", seed: int = 1
                 ) -> FactorDict | None:
-    """Σ_sequences (Q_Sᵀ DŴ Q_A)² and sequence counts over ``batches``."""
+    """Σ_sequences (Q_Sᵀ DŴ Q_A)² and sequence counts over ``batches``.
+
+    Unit by unit: only one unit's rotated per-sequence gradients ``[B, o, i]`` exist at a time,
+    computed from the rotated token vectors (``rotated_gradients``) in float32 (float64 for a
+    float64 model) with bases cast once, before the first batch.
+    """
     generator = torch.Generator().manual_seed(seed)
-    total = None
+    total: FactorDict | None = None
+    bases: dict[str, Eigen] = {}
     for batch in batches:
-        grads = batch_gradients(model, units, batch, sampled=fisher == "sampled",
-                                generator=generator)
-        keep = finite_rows(list(grads.values()))
-        part: FactorDict = {NONFINITE: (~keep).sum().double().reshape(1)}
+        cap = capture_pass(model, units, batch, sampled=fisher == "sampled", generator=generator)
+        pairs, keep = _finite_pairs(cap, units, batch["attention_mask"])
+        total = {} if total is None else total
+        _count_nonfinite(total, keep)
         for unit in units:
-            part.update(lambda_stats(grads[unit.name][keep], unit.name, eigens[unit.name]))
-        total = merge(total, part)
+            kappa, grad = pairs.pop(unit.name)
+            if unit.name not in bases:
+                bases[unit.name] = eigens[unit.name].cast(stat_dtype(kappa.dtype), kappa.device)
+            rotated = rotated_gradients(kappa[keep], grad[keep], bases[unit.name])
+            add_lambda(total, rotated, unit.name)
+            del rotated, kappa, grad
     return total
 
 
@@ -145,15 +172,21 @@ class Curvature:
         return {name: ihvp(g, self.eigens[name], self.lambdas[name], self.dampings[name])
                 for name, g in grads.items()}
 
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Curvature:
+        """The curvature on ``device`` in the compute ``dtype``, cast once (not per IHVP)."""
+        return Curvature({n: e.cast(dtype, device) for n, e in self.eigens.items()},
+                         {n: v.to(device, dtype) for n, v in self.lambdas.items()},
+                         dict(self.dampings))
+
     def to_tensors(self) -> dict[str, Tensor]:
-        """Flat dict for safetensors."""
+        """Flat dict for safetensors (on the CPU, whatever device it was fitted on)."""
         out: dict[str, Tensor] = {}
         for name, eig in self.eigens.items():
             out.update({f"{name}/qa": eig.qa, f"{name}/a": eig.a, f"{name}/qs": eig.qs,
                         f"{name}/s": eig.s, f"{name}/lambda": self.lambdas[name],
                         f"{name}/damping": torch.tensor([self.dampings[name]],
                                                         dtype=torch.float64)})
-        return {k: v.contiguous() for k, v in out.items()}
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor], names: list[str]) -> Curvature:

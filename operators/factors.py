@@ -2,7 +2,10 @@
 
 LANCET.md section 2. Everything a worker accumulates is a *sum* plus a *count*, stored in a flat
 ``dict[str, Tensor]`` keyed ``"<unit>/<stat>"``, so merging shards (or an all-reduce) is key-wise
-addition. Normalisation, symmetrisation and ``eigh`` happen once, after merging, in float64.
+addition, done in place. Sums are float32 (float64 for a float64 model), counts float64, both on
+the device of the batch. Normalisation, symmetrisation and ``eigh`` happen once, after merging,
+in float64 on that device; the IHVP and the eigenvalue correction then use float32 copies of the
+bases (``Eigen.cast``), so no float64 product runs per batch.
 
 Stats per unit:
     ``a_sum [d_in', d_in']`` Σ κκᵀ over real tokens;   ``a_count`` number of those tokens
@@ -30,22 +33,52 @@ class DampingConfig:
     absolute: float | None = None
 
 
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics, IHVPs and scores run in float32, or float64 for a float64 model (the tests).
+
+    A bfloat16 model's activations and gradients are upcast before any product, so no sum is
+    accumulated in half precision; token and sequence counts are always float64 (exact to 2^53).
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def add_covariance(total: FactorDict, kappa: Tensor, grad: Tensor, name: str,
+                   token_mask: Tensor) -> FactorDict:
+    """Add one batch's sums for one unit to ``total`` in place (allocating on first use).
+
+    ``kappa [B,T,i]``, ``grad [B,T,o]`` already masked; the sums live on their device.
+    """
+    dtype = stat_dtype(kappa.dtype)
+    k = kappa.reshape(-1, kappa.shape[-1]).to(dtype)
+    g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+    count = token_mask.sum().to(torch.float64).reshape(1)
+    for which, x in (("a", k), ("s", g)):
+        key = f"{name}/{which}_sum"
+        if key not in total:
+            total[key] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype, device=x.device)
+            total[f"{name}/{which}_count"] = torch.zeros(1, dtype=torch.float64, device=x.device)
+        total[key].addmm_(x.T, x)
+        total[f"{name}/{which}_count"] += count
+    return total
+
+
 def covariance_stats(kappa: Tensor, grad: Tensor, name: str, token_mask: Tensor) -> FactorDict:
     """Sums of one batch for one unit. ``kappa [B,T,i]``, ``grad [B,T,o]`` already masked."""
-    k = kappa.reshape(-1, kappa.shape[-1]).double()
-    g = grad.reshape(-1, grad.shape[-1]).double()
-    count = token_mask.sum().double().reshape(1)
-    return {f"{name}/a_sum": k.T @ k, f"{name}/a_count": count,
-            f"{name}/s_sum": g.T @ g, f"{name}/s_count": count.clone()}
+    return add_covariance({}, kappa, grad, name, token_mask)
 
 
 def merge(total: FactorDict | None, part: FactorDict) -> FactorDict:
-    """Key-wise sum: the merge of two shards (and what an all-reduce computes)."""
+    """Key-wise sum, in place on ``total``: the merge of two shards (what an all-reduce computes).
+
+    Summing in place keeps one copy of the statistics, not two per batch.
+    """
     if total is None:
         return {key: value.clone() for key, value in part.items()}
     if total.keys() != part.keys():
         raise ValueError("cannot merge factor statistics of different units")
-    return {key: total[key] + part[key] for key in total}
+    for key, value in part.items():
+        total[key] += value.to(total[key].device)
+    return total
 
 
 @dataclass(frozen=True)
@@ -56,6 +89,11 @@ class Eigen:
     a: Tensor  # [i]
     qs: Tensor  # [o, o]
     s: Tensor  # [o]
+
+    def cast(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Eigen:
+        """The same bases in the compute dtype (float32 on the hot path: no float64 products)."""
+        return Eigen(*(t.to(device=device or t.device, dtype=dtype)
+                       for t in (self.qa, self.a, self.qs, self.s)))
 
 
 def eigendecompose(stats: FactorDict, units: list[Unit]) -> dict[str, Eigen]:
@@ -78,15 +116,40 @@ def _normalised(stats: FactorDict, name: str, which: str) -> Tensor:
 
 
 def rotate(grad: Tensor, eigen: Eigen) -> Tensor:
-    """``Q_Sᵀ G Q_A`` for ``grad [..., o, i]``."""
+    """``Q_Sᵀ G Q_A`` for ``grad [..., o, i]`` (in ``grad``'s dtype)."""
     return eigen.qs.T.to(grad.dtype) @ grad @ eigen.qa.to(grad.dtype)
+
+
+def rotated_gradients(kappa: Tensor, grad: Tensor, eigen: Eigen) -> Tensor:
+    """Per-sequence ``Q_Sᵀ DŴ_b Q_A``: ``[B, o, i]`` from ``kappa [B,T,i]``, ``grad [B,T,o]``.
+
+    ``Q_Sᵀ (Σ_t g_t κ_tᵀ) Q_A = Σ_t (Q_Sᵀ g_t)(Q_Aᵀ κ_t)ᵀ``: rotating the T token vectors first
+    costs ``T (o² + i²)`` against ``o i (o + i)`` for rotating the formed gradient, several
+    times less whenever the sequence is shorter than the widths. ``eigen`` is in the compute
+    dtype already (``Eigen.cast``).
+    """
+    o, i, t = grad.shape[-1], kappa.shape[-1], kappa.shape[1]
+    g, k = grad.to(eigen.qs.dtype), kappa.to(eigen.qa.dtype)
+    if t * (o * o + i * i) <= o * i * (o + i):
+        return torch.einsum("bto,bti->boi", g @ eigen.qs, k @ eigen.qa)
+    return rotate(torch.einsum("bto,bti->boi", g, k), eigen)
+
+
+def add_lambda(total: FactorDict, rotated: Tensor, name: str) -> FactorDict:
+    """Add Σ_b (Q_Sᵀ DŴ_b Q_A)² of ``rotated [B, o, i]`` to ``total`` in place."""
+    key = f"{name}/lambda_sum"
+    if key not in total:
+        total[key] = torch.zeros(rotated.shape[1:], dtype=rotated.dtype, device=rotated.device)
+        total[f"{name}/lambda_count"] = torch.zeros(1, dtype=torch.float64, device=rotated.device)
+    total[key] += (rotated ** 2).sum(dim=0)
+    total[f"{name}/lambda_count"] += float(rotated.shape[0])
+    return total
 
 
 def lambda_stats(grads: Tensor, name: str, eigen: Eigen) -> FactorDict:
     """Eigenvalue-correction sums of one batch: Σ_b (Q_Sᵀ DŴ_b Q_A)² for ``grads [B, o, i]``."""
-    rotated = rotate(grads.double(), eigen)
-    return {f"{name}/lambda_sum": (rotated ** 2).sum(dim=0),
-            f"{name}/lambda_count": torch.tensor([float(grads.shape[0])], dtype=torch.float64)}
+    dtype = stat_dtype(grads.dtype)
+    return add_lambda({}, rotate(grads.to(dtype), eigen.cast(dtype)), name)
 
 
 def eigenvalues(stats: FactorDict | None, eigens: dict[str, Eigen], corrected: bool
@@ -96,8 +159,8 @@ def eigenvalues(stats: FactorDict | None, eigens: dict[str, Eigen], corrected: b
         return {name: torch.outer(e.s, e.a) for name, e in eigens.items()}
     if stats is None:
         raise ValueError("eigenvalue correction needs lambda statistics")
-    return {name: stats[f"{name}/lambda_sum"] / stats[f"{name}/lambda_count"].clamp_min(1.0)
-            for name in eigens}
+    return {name: stats[f"{name}/lambda_sum"].double()
+            / stats[f"{name}/lambda_count"].double().clamp_min(1.0) for name in eigens}
 
 
 def damping_value(lam: Tensor, config: DampingConfig) -> float:
@@ -109,7 +172,12 @@ def damping_value(lam: Tensor, config: DampingConfig) -> float:
 
 
 def ihvp(vector: Tensor, eigen: Eigen, lam: Tensor, damping: float) -> Tensor:
-    """``(G + λI)⁻¹ V = Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` for ``vector [..., o, i]``."""
-    dtype = vector.dtype
-    rotated = rotate(vector.double(), eigen) / (lam + damping)
-    return (eigen.qs @ rotated @ eigen.qa.T).to(dtype)
+    """``(G + λI)⁻¹ V = Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` for ``vector [..., o, i]``.
+
+    Computed in ``stat_dtype(vector.dtype)`` (float32 unless the vector is float64) on the
+    vector's device; returned in that dtype.
+    """
+    dtype = stat_dtype(vector.dtype)
+    basis = eigen.cast(dtype, vector.device)
+    rotated = rotate(vector.to(dtype), basis) / (lam.to(vector.device, dtype) + damping)
+    return basis.qs @ rotated @ basis.qa.T

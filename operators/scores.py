@@ -10,25 +10,33 @@ LANCET.md sections 1 and 3. Every method reduces to features and a dot product:
 
 Gradients are of −log p on both sides, so the sign is that of ∇log p_qᵀ H⁻¹ ∇log p_m:
 positive = up-weighting the sample raises the likelihood of the undesirable response.
+
+Memory: query gradients stream into their query-batch sums and each unit of a batch is
+preconditioned (and, with ``query_rank``, compressed to ``U Vᵀ``) as soon as the batch is full, so
+no list of per-query gradients is ever held; training batches are scored one unit at a time.
+Everything is computed in float32 (float64 for a float64 model) and returned in float64.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from operators.capture import eval_mode
-from operators.curvature import Curvature, batch_gradients
+from operators.capture import eval_mode, unit_gradient
+from operators.curvature import Curvature, capture_pass
 from operators.factors import DampingConfig
+from operators.lowrank import compress, formed_scores, lowrank_scores, token_path_is_cheaper
 from operators.units import Unit
 
 METHODS = ("linfac", "ekfac", "kfac", "gradsim", "repsim")
 AGGREGATES = ("max", "mean")
 SIMILARITIES = ("dot", "cosine")
 Features = dict[str, Tensor]
+# Low-rank query features are stored as "<unit>#u" [G, o, r] and "<unit>#v" [G, i, r].
+LOW_U, LOW_V = "#u", "#v"
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class InfluenceConfig:
     fisher: str = "sampled"
     damping: DampingConfig = field(default_factory=DampingConfig)
     module_filter: str = ""  # ekfac/kfac/gradsim: only linear modules whose name contains it
+    query_rank: int | None = None  # keep each preconditioned query as rank-r factors (None: full)
 
     def __post_init__(self) -> None:
         _check("influence.method", self.method, METHODS)
@@ -50,6 +59,9 @@ class InfluenceConfig:
         _check("influence.fisher", self.fisher, ("sampled", "empirical"))
         if int(self.query_batch_size) < 1:
             raise ValueError(f"influence.query_batch_size={self.query_batch_size}: must be >= 1")
+        if self.query_rank is not None and int(self.query_rank) < 1:
+            raise ValueError(f"influence.query_rank={self.query_rank}: must be >= 1 (or empty "
+                             "for full rank)")
 
     @property
     def uses_curvature(self) -> bool:
@@ -81,23 +93,102 @@ def last_prompt_hidden(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return hidden[torch.arange(hidden.shape[0]), batch["prompt_last"]]
 
 
-def sample_features(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
-                    config: InfluenceConfig) -> Features:
-    """Raw per-sample features of a batch: unit gradients, or the representation for repsim."""
+def row_features(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
+                 config: InfluenceConfig) -> Iterator[tuple[str, Tensor]]:
+    """Per-row features of a batch, one unit at a time: ``(name, [B, o, i])``.
+
+    One forward + backward captures every unit; each unit's gradient is formed only when the
+    caller asks for it, so a single unit's ``[B, o, i]`` exists at a time. ``repsim`` yields
+    the representation ``("repr", [B, d])``.
+    """
     if config.method == "repsim":
-        return {"repr": last_prompt_hidden(model, batch).double()}
-    return batch_gradients(model, units, batch)
-
-
-def _normalise(features: Features) -> Features:
-    sq = sum(f.flatten(1).pow(2).sum(dim=1) for f in features.values())
-    norm = sq.sqrt().clamp_min(1e-30)
-    return {k: f / norm.view(-1, *([1] * (f.dim() - 1))) for k, f in features.items()}
+        yield "repr", last_prompt_hidden(model, batch).double()
+        return
+    cap = capture_pass(model, units, batch, sampled=False)
+    for unit in units:
+        yield unit.name, unit_gradient(cap, unit, batch["attention_mask"])
 
 
 def _is_cosine(config: InfluenceConfig) -> bool:
     return config.method == "repsim" or (config.method == "gradsim"
                                          and config.similarity == "cosine")
+
+
+class QueryGroups:
+    """Streams query rows into their query-batch means (LANCET.md section 3).
+
+    Query ``q`` belongs to batch ``q // B``. Each unit of a batch is averaged, preconditioned
+    and compressed as soon as the batch's last row has been seen; only a batch that straddles
+    two loader batches keeps a raw sum across them.
+    """
+
+    def __init__(self, config: InfluenceConfig, curvature: Curvature | None) -> None:
+        if config.uses_curvature and curvature is None:
+            raise ValueError(f"influence.method={config.method} needs fitted factors")
+        self.config, self.curvature = config, curvature
+        self.rows = 0
+        self.counts: dict[int, int] = {}
+        self.pending: dict[int, dict[str, Tensor]] = {}
+        self.done: dict[int, dict[str, Tensor]] = {}
+        self.squares: dict[int, Tensor] = {}
+
+    def add(self, model: nn.Module, units: list[Unit], batch: dict[str, Tensor]) -> None:
+        n = int(batch["input_ids"].shape[0])
+        owner = [(self.rows + r) // self.config.query_batch_size for r in range(n)]
+        self.rows += n
+        members = {g: [r for r in range(n) if owner[r] == g] for g in dict.fromkeys(owner)}
+        for group, rows in members.items():
+            self.counts[group] = self.counts.get(group, 0) + len(rows)
+        for name, feats in row_features(model, units, batch, self.config):
+            for group, rows in members.items():
+                self._add(group, name, feats[rows].sum(dim=0))
+
+    def _add(self, group: int, name: str, part: Tensor) -> None:
+        sums = self.pending.setdefault(group, {})
+        sums[name] = part if name not in sums else sums[name] + part
+        if self.counts[group] == self.config.query_batch_size:
+            self._finish(group, name)
+
+    def _finish(self, group: int, name: str) -> None:
+        mean = self.pending[group].pop(name) / self.counts[group]
+        if self.curvature is not None:
+            mean = self.curvature.ihvp({name: mean})[name]
+        if _is_cosine(self.config):
+            self.squares[group] = self.squares.get(group, 0.0) + mean.double().pow(2).sum()
+        out = self.done.setdefault(group, {})
+        rank = self.config.query_rank
+        if rank is None or mean.dim() != 2:
+            out[name] = mean
+        else:
+            out[name + LOW_U], out[name + LOW_V] = compress(mean, int(rank))
+
+    def result(self) -> Features:
+        """Features of every query batch, stacked in query order: name -> ``[G, ...]``."""
+        for group, sums in list(self.pending.items()):
+            for name in list(sums):
+                self._finish(group, name)
+        if not self.done:
+            raise ValueError("no influence queries to precondition")
+        groups = sorted(self.done)
+        if _is_cosine(self.config):
+            for group in groups:
+                _scale(self.done[group], self.squares[group].sqrt().clamp_min(1e-30))
+        return {name: _stack([self.done[g][name] for g in groups])
+                for name in self.done[groups[0]]}
+
+
+def _scale(features: dict[str, Tensor], norm: Tensor) -> None:
+    for name in features:
+        if not name.endswith(LOW_V):  # a low-rank query U Vᵀ is scaled through U alone
+            features[name] = features[name] / norm.to(features[name].dtype)
+
+
+def _stack(parts: list[Tensor]) -> Tensor:
+    """Stack per-group factors; low-rank factors of lower rank are zero-padded to the widest."""
+    width = max(p.shape[-1] for p in parts)
+    if parts[0].dim() == 2 and any(p.shape[-1] != width for p in parts):
+        parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts]
+    return torch.stack(parts)
 
 
 def precondition_queries(model: nn.Module, units: list[Unit], batches: Iterable[dict],
@@ -106,39 +197,50 @@ def precondition_queries(model: nn.Module, units: list[Unit], batches: Iterable[
 
     A batch's raw features are averaged, then preconditioned once (one IHVP per batch).
     """
-    raw: dict[str, list[Tensor]] = {}
+    groups = QueryGroups(config, curvature)
     for batch in batches:
-        feats = sample_features(model, units, batch, config)
-        for name, value in feats.items():
-            raw.setdefault(name, []).append(value)
-    per_query = {name: torch.cat(parts) for name, parts in raw.items()}
-    n = next(iter(per_query.values())).shape[0]
-    groups = query_batches(n, config.query_batch_size)
-    means = {name: torch.stack([v[idx].mean(dim=0) for idx in groups])
-             for name, v in per_query.items()}
-    if config.uses_curvature:
-        if curvature is None:
-            raise ValueError(f"influence.method={config.method} needs fitted factors")
-        return curvature.ihvp(means)
-    return _normalise(means) if _is_cosine(config) else means
-
-
-def pairwise_scores(train: Features, queries: Features, config: InfluenceConfig) -> Tensor:
-    """Scores of a training batch against every query batch: ``[B, num_query_batches]``."""
-    if _is_cosine(config):
-        train = _normalise(train)
-    total = None
-    for name, q in queries.items():
-        t = train[name].to(q.dtype)
-        part = t.flatten(1) @ q.flatten(1).T
-        total = part if total is None else total + part
-    return total
+        groups.add(model, units, batch)
+    return groups.result()
 
 
 def score_batch(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
                 queries: Features, config: InfluenceConfig) -> Tensor:
-    """Raw scores of one training batch: ``[B, num_query_batches]`` (float64)."""
-    return pairwise_scores(sample_features(model, units, batch, config), queries, config).double()
+    """Raw scores of one training batch: ``[B, num_query_batches]`` (float64).
+
+    Σ_units ⟨query feature, DŴ⟩, one unit at a time; against low-rank queries a unit is scored
+    from its token vectors when that is cheaper than forming its gradient.
+    """
+    if config.method == "repsim":
+        feats = last_prompt_hidden(model, batch).double()
+        feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        return feats @ queries["repr"].double().T
+    cap = capture_pass(model, units, batch, sampled=False)
+    mask = batch["attention_mask"]
+    total, squares = None, None
+    for unit in units:
+        part, sq = _unit_scores(cap, unit, mask, queries, _is_cosine(config))
+        total = part.double() if total is None else total + part.double()
+        if sq is not None:
+            squares = sq if squares is None else squares + sq
+    if _is_cosine(config):
+        total = total / squares.sqrt().clamp_min(1e-30).unsqueeze(1)
+    return total
+
+
+def _unit_scores(cap, unit: Unit, mask: Tensor, queries: Features, cosine: bool
+                 ) -> tuple[Tensor, Tensor | None]:
+    """One unit's ``[B, G]`` scores and, for cosine, the squared norms ``[B]`` of its DŴ."""
+    if unit.name + LOW_U in queries:
+        u, v = queries[unit.name + LOW_U], queries[unit.name + LOW_V]
+        tokens = int(mask.shape[1])
+        if not cosine and token_path_is_cheaper(tokens, *unit.shape, u.shape[0], u.shape[-1]):
+            return lowrank_scores(cap.output_grad(unit, mask), cap.kappa(unit, mask), u, v), None
+        grads = unit_gradient(cap, unit, mask)
+        return formed_scores(grads, u, v), grads.double().pow(2).flatten(1).sum(1)
+    grads = unit_gradient(cap, unit, mask)
+    q = queries[unit.name]
+    scores = grads.flatten(1) @ q.flatten(1).to(grads.dtype).T
+    return scores, grads.double().pow(2).flatten(1).sum(1) if cosine else None
 
 
 def aggregate(raw: Tensor, how: str = "max") -> Tensor:
@@ -154,8 +256,3 @@ def aggregate(raw: Tensor, how: str = "max") -> Tensor:
     else:
         scaled = raw
     return scaled.max(dim=1).values if how == "max" else scaled.mean(dim=1)
-
-
-def nonfinite_rows(raw: Tensor) -> Tensor:
-    """Indices of samples whose scores are NaN or infinite (reported, never aggregated)."""
-    return (~torch.isfinite(raw)).any(dim=1).nonzero().flatten()

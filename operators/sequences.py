@@ -106,19 +106,29 @@ def sample_labels(logits: Tensor, generator: torch.Generator | None = None,
                   seeds: Tensor | None = None) -> Tensor:
     """Labels drawn from the model's own predictive distribution (true Fisher): ``[B, T]``.
 
-    Position t holds a token sampled from p(· | tokens_<t); column 0 is unused. With ``seeds``
-    (``[B]``) each row draws from its own generator, so a sample's labels do not depend on
-    its batch or shard.
+    Position t holds a token sampled from p(· | tokens_<t); column 0 is unused. Sampling is by
+    inverse CDF: uniforms come from a CPU generator (per row from ``seeds`` ``[B]``, so a
+    sample's labels depend neither on its batch nor on its shard nor on the device), the CDF is
+    built one row at a time on the logits' device (``[T, V]``, never ``[B, T, V]`` in float64).
     """
-    probs = torch.softmax(logits[:, :-1].detach().double(), dim=-1)
+    rows, length = logits.shape[0], logits.shape[1] - 1
     if seeds is None:
-        flat = probs.reshape(-1, probs.shape[-1])
-        drawn = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:2])
+        uniforms = torch.rand(rows, length, generator=generator, dtype=torch.float64)
     else:
-        rows = [torch.multinomial(probs[b], 1, generator=torch.Generator().manual_seed(
-            int(seeds[b]))).squeeze(-1) for b in range(probs.shape[0])]
-        drawn = torch.stack(rows)
+        uniforms = torch.stack([torch.rand(length, dtype=torch.float64, generator=torch.Generator()
+                                           .manual_seed(int(seeds[b]))) for b in range(rows)])
+    uniforms = uniforms.to(logits.device)
+    drawn = torch.stack([_inverse_cdf(logits[b, :-1], uniforms[b]) for b in range(rows)])
     return F.pad(drawn, (1, 0))
+
+
+def _inverse_cdf(logits: Tensor, uniforms: Tensor) -> Tensor:
+    """One token per position from ``softmax(logits [T, V])`` at quantiles ``uniforms [T]``."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    cdf = torch.softmax(logits.detach().to(dtype), dim=-1).cumsum(dim=-1)
+    target = (uniforms.to(dtype) * cdf[:, -1]).unsqueeze(-1)
+    drawn = torch.searchsorted(cdf, target).squeeze(-1)
+    return drawn.clamp_max(logits.shape[-1] - 1)
 
 
 def sequence_losses(model, batch: dict[str, Tensor], *, sampled: bool = False,
