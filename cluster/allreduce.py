@@ -15,22 +15,34 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def allreduce_sum(tensors: Tensors, device: str = "cpu") -> Tensors:
-    """Sum every tensor across workers, in one flat float64 buffer (gloo on CPU, NCCL on GPU).
+def allreduce_sum(tensors: Tensors, device: str | torch.device = "cpu") -> Tensors:
+    """Sum every tensor across workers; every worker ends with the same sums, on ``device``.
 
-    Keys are sorted so every worker packs the buffer in the same order. Every worker ends with
-    the same sums.
+    One collective per group of keys sharing a unit prefix (``"<unit>/…"``), each in its own
+    dtype on ``device`` (gloo on CPU, NCCL on GPU): no buffer holds every unit at once, and
+    statistics stay where the eigendecomposition and the next pass use them. Keys are sorted so
+    every worker issues the collectives in the same order.
     """
     _, size = world()
+    out = {k: v.to(device) for k, v in tensors.items()}
     if size == 1:
-        return tensors
-    keys = sorted(tensors)
-    flat = torch.cat([tensors[k].double().flatten() for k in keys]).to(device)
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    out, offset = {}, 0
-    flat = flat.cpu()
-    for key in keys:
-        n = tensors[key].numel()
-        out[key] = flat[offset:offset + n].reshape(tensors[key].shape)
-        offset += n
+        return out
+    for keys in _groups(sorted(out)):
+        for dtype in sorted({str(out[k].dtype) for k in keys}):
+            same = [k for k in keys if str(out[k].dtype) == dtype]
+            flat = torch.cat([out[k].flatten() for k in same])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for key in same:
+                n = out[key].numel()
+                out[key] = flat[offset:offset + n].reshape(out[key].shape)
+                offset += n
     return out
+
+
+def _groups(keys: list[str]) -> list[list[str]]:
+    """Keys grouped by unit prefix (the text before the last ``/``), in sorted order."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.rsplit("/", 1)[0], []).append(key)
+    return list(groups.values())

@@ -14,18 +14,18 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from cluster.allreduce import allreduce_sum, world
 from cluster.batches import TokenizeConfig, to_tensors
-from cluster.model_io import load_model, load_tokenizer
+from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads, storage_uri
 from operators.curvature import NONFINITE, Curvature, covariance_pass, lambda_pass
-from operators.factors import DampingConfig, eigendecompose
+from operators.factors import DampingConfig, Eigen, eigendecompose, stat_dtype
 from operators.units import Unit, discover_units
 
 FACTOR_FILE = "factors.safetensors"
@@ -49,23 +49,49 @@ class FactorSpec:
         return self.method != "kfac"
 
 
-def zero_stats(units: list[Unit], which: str) -> dict[str, torch.Tensor]:
-    """All-zero sums, so a worker with an empty shard still joins the all-reduce."""
-    z = torch.zeros
-    if which == "covariance":
-        out = {NONFINITE: z(1, dtype=torch.float64)}
-        for u in units:
-            i, o = u.shape[1], u.shape[0]
-            out.update({f"{u.name}/a_sum": z(i, i, dtype=torch.float64),
-                        f"{u.name}/a_count": z(1, dtype=torch.float64),
-                        f"{u.name}/s_sum": z(o, o, dtype=torch.float64),
-                        f"{u.name}/s_count": z(1, dtype=torch.float64)})
-        return out
-    out = {NONFINITE: z(1, dtype=torch.float64)}
-    out.update({k: v for u in units for k, v in (
-        (f"{u.name}/lambda_sum", z(*u.shape, dtype=torch.float64)),
-        (f"{u.name}/lambda_count", z(1, dtype=torch.float64)))})
+def zero_stats(units: list[Unit], which: str, dtype: torch.dtype = torch.float64,
+               device: str = "cpu") -> dict[str, torch.Tensor]:
+    """All-zero sums, so a worker with an empty shard still joins the all-reduce.
+
+    Sums in ``dtype`` (the statistics dtype), counts in float64, as ``covariance_pass`` and
+    ``lambda_pass`` make them.
+    """
+    def z(*shape, kind=dtype):
+        return torch.zeros(*shape, dtype=kind, device=device)
+    out = {NONFINITE: z(1, kind=torch.float64)}
+    for u in units:
+        o, i = u.shape
+        if which == "covariance":
+            out.update({f"{u.name}/a_sum": z(i, i), f"{u.name}/a_count": z(1, kind=torch.float64),
+                        f"{u.name}/s_sum": z(o, o), f"{u.name}/s_count": z(1, kind=torch.float64)})
+        else:
+            out.update({f"{u.name}/lambda_sum": z(o, i),
+                        f"{u.name}/lambda_count": z(1, kind=torch.float64)})
     return out
+
+
+def eigendecompose_shared(stats: dict[str, torch.Tensor], units: list[Unit], device: str
+                          ) -> dict[str, Eigen]:
+    """``eigh`` of every unit, the units shared round-robin among the workers, then summed.
+
+    Worker r decomposes units r, r + W, …; the others' slots stay zero, so one all-reduce sum
+    hands every worker every eigenbasis (one worker decomposes each unit: no sign ambiguity).
+    """
+    rank, size = world()
+    if size == 1:
+        return eigendecompose(stats, units)
+    mine = eigendecompose(stats, units[rank::size])
+    flat = {}
+    for unit in units:
+        o, i = unit.shape
+        eig = mine.get(unit.name)
+        for key, shape, value in (("qa", (i, i), eig and eig.qa), ("a", (i,), eig and eig.a),
+                                  ("qs", (o, o), eig and eig.qs), ("s", (o,), eig and eig.s)):
+            flat[f"{unit.name}/{key}"] = (value if value is not None else
+                                          torch.zeros(shape, dtype=torch.float64, device=device))
+    flat = allreduce_sum(flat, device)
+    return {u.name: Eigen(*(flat[f"{u.name}/{k}"] for k in ("qa", "a", "qs", "s")))
+            for u in units}
 
 
 def _shard_batches(shard, tokenizer, spec: FactorSpec, batch_size: int, device: str, counter,
@@ -94,19 +120,22 @@ def factor_worker(config: dict) -> None:
     counter = {"sequences": 0, "tokens": 0}
     start = time.perf_counter()
     progress = config.get("progress")
+    dtype = stat_dtype(DTYPES[spec.dtype])
     batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter, progress)
-    stats = covariance_pass(model, units, batches, spec.fisher) or zero_stats(units, "covariance")
+    stats = (covariance_pass(model, units, batches, spec.fisher)
+             or zero_stats(units, "covariance", dtype, device))
     stats = allreduce_sum(stats, device)
-    eigens = eigendecompose(stats, units)
+    eigens = eigendecompose_shared(stats, units, device)
     lam = None
     if spec.corrected:
         batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter,
                                  progress)
-        lam = lambda_pass(model, units, eigens, batches, spec.fisher) or zero_stats(units, "lambda")
+        lam = (lambda_pass(model, units, eigens, batches, spec.fisher)
+               or zero_stats(units, "lambda", dtype, device))
         lam = allreduce_sum(lam, device)
     curvature = Curvature.build(eigens, lam, spec.corrected, spec.damping)
     seconds = time.perf_counter() - start
-    _report(curvature, stats, lam, units, counter, seconds)
+    _report(curvature, stats, lam, units, counter, seconds, device)
 
 
 def passes(spec: FactorSpec) -> int:
@@ -114,11 +143,12 @@ def passes(spec: FactorSpec) -> int:
     return 2 if spec.corrected else 1
 
 
-def _report(curvature, stats, lam, units, counter, seconds) -> None:
+def _report(curvature, stats, lam, units, counter, seconds, device) -> None:
     import ray.train
     from safetensors.torch import save_file
     rank, size = world()
-    totals = allreduce_sum({k: torch.tensor([float(v)]) for k, v in counter.items()})
+    totals = allreduce_sum({k: torch.tensor([float(v)], dtype=torch.float64, device=device)
+                            for k, v in counter.items()}, device)
     metrics = {"sequences": float(totals["sequences"][0]) / (2 if lam is not None else 1),
                "tokens": float(totals["tokens"][0]) / (2 if lam is not None else 1),
                "seconds": seconds, "workers": size}
@@ -130,7 +160,7 @@ def _report(curvature, stats, lam, units, counter, seconds) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         tensors = curvature.to_tensors()
-        tensors.update({f"stats/{k}": v.contiguous() for k, v in stats.items()
+        tensors.update({f"stats/{k}": v.cpu().contiguous() for k, v in stats.items()
                         if k.endswith("_count")})
         save_file(tensors, str(Path(tmp) / FACTOR_FILE))
         (Path(tmp) / "units.json").write_text(json.dumps(
@@ -181,6 +211,3 @@ def load_curvature(factor_dir: Path) -> tuple[Curvature, list[str]]:
     tensors = load_file(str(factor_dir / FACTOR_FILE))
     return Curvature.from_tensors(tensors, names), names
 
-
-def spec_dict(spec: FactorSpec) -> dict:
-    return asdict(spec)

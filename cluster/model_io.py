@@ -46,14 +46,59 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+LINFAC_ATTENTION = "lancet_sdpa"
+
+
+def register_attention() -> str:
+    """Register ``lancet_sdpa`` with transformers (idempotent; every process that loads a model).
+
+    SDPA computes the attention output (and its backward); ``operators.attention`` recomputes
+    the head-averaged probabilities LinFAC's unit reads, chunked and without gradient, and
+    returns them as the attention weights ``[B, 1, T, T]``.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from operators.attention import head_averaged_probs
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask,
+                                        dropout=dropout, scaling=scaling, **kw)
+        probs = head_averaged_probs(query, key, attention_mask, scaling)
+        return out, probs.unsqueeze(1).to(query.dtype)
+
+    AttentionInterface.register(LINFAC_ATTENTION, forward)
+    AttentionMaskInterface.register(LINFAC_ATTENTION, sdpa_mask)
+    return LINFAC_ATTENTION
+
+
+def attention_for(config, wants_probabilities: bool) -> str | None:
+    """``lancet_sdpa`` where LinFAC needs ā; eager for a model with logit soft-capping (which
+    SDPA cannot do); None (the model's default) otherwise."""
+    if not wants_probabilities:
+        return None
+    if getattr(config, "attn_logit_softcapping", None):
+        return "eager"
+    return register_attention()
+
+
 def load_model(path: str | Path, dtype: str = "float32", eager_attention: bool = True,
                trust_remote_code: bool = False, device: str = "cpu"):
-    """A causal LM in eval mode. Eager attention exposes the probabilities LinFAC's unit needs."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM in eval mode.
+
+    ``eager_attention``: the attention must expose the head-averaged probabilities LinFAC's unit
+    needs; they come from ``lancet_sdpa`` (SDPA plus a chunked recomputation), not eager.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
     path = check_model_dir(path)
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if eager_attention:
-        kwargs["attn_implementation"] = "eager"
+        try:
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except Exception as err:
+            raise ModelLoadError(f"model.path={path}: cannot read config.json ({err})") from err
+        kwargs["attn_implementation"] = attention_for(config, True)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as err:

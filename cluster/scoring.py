@@ -1,7 +1,9 @@
 """Scoring the corpus: preconditioned queries in the object store, a Ray Data actor pool, Parquet.
 
-1. ``precondition`` (once): the query gradients, grouped by ``query_batch_size`` and averaged,
-   get one IHVP per group; the result is ``ray.put`` once and shared by every scorer.
+1. ``precondition_on_worker`` (once, a Ray task on a worker's device): the query gradients,
+   streamed into their ``query_batch_size`` groups and averaged, get one IHVP per group (and,
+   with ``influence.query_rank``, a low-rank compression); the result stays in the object store
+   and is shared by every scorer.
 2. ``score_corpus``: ``map_batches`` with the stateful ``Scorer`` (``concurrency=N``): each actor
    loads the model and the preconditioned queries once, then maps batches of rows to their raw
    per-query-batch scores (a fixed-size list column ``raw``), passing the row's columns through.
@@ -26,9 +28,10 @@ import torch
 
 from cluster.batches import TokenizeConfig, iter_row_batches, to_tensors
 from cluster.factor_job import load_curvature
-from cluster.model_io import load_model, load_tokenizer
+from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads
+from operators.factors import stat_dtype
 from operators.scores import InfluenceConfig, precondition_queries, score_batch
 from operators.units import discover_units
 
@@ -57,18 +60,42 @@ def _model_and_units(spec: ScoreSpec, device: str = "cpu"):
 
 
 def precondition(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | None,
-                 batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Preconditioned query features ``name -> [num_query_batches, ...]`` (run once)."""
-    model, tokenizer, units = _model_and_units(spec)
+                 batch_size: int = 8, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Preconditioned query features ``name -> [num_query_batches, ...]`` on the CPU.
+
+    Streams the queries ``batch_size`` at a time on ``device``; the curvature is moved there
+    once, in the compute dtype (float32, or float64 for a float64 model).
+    """
+    model, tokenizer, units = _model_and_units(spec, device)
     curvature = None
     if spec.influence.uses_curvature:
         curvature, names = load_curvature(factor_dir)
         if names != [u.name for u in units]:
             raise ValueError(f"factors in {factor_dir} were fitted for other units than "
                              f"influence.method={spec.influence.method} on this model")
-    batches = (to_tensors(cols, tokenizer, spec.tokenize)
+        curvature = curvature.to(device, stat_dtype(DTYPES[spec.dtype]))
+    batches = (to_tensors(cols, tokenizer, spec.tokenize, device)
                for cols in iter_row_batches(query_rows, batch_size))
-    return precondition_queries(model, units, batches, spec.influence, curvature)
+    features = precondition_queries(model, units, batches, spec.influence, curvature)
+    return {k: v.cpu() for k, v in features.items()}
+
+
+def precondition_on_worker(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | None,
+                           cluster: ClusterConfig):
+    """Run ``precondition`` as a Ray task with one worker's resources (a GPU on ``cluster=gpu``).
+
+    Returns the task's ObjectRef: the features go from the worker to the object store and on to
+    every scorer without passing through the driver.
+    """
+    import ray
+
+    def task(spec, rows, factor_dir, cluster):
+        pin_threads(cluster.threads_per_worker)
+        return precondition(spec, rows, factor_dir, cluster.batch_size, device_for(cluster))
+
+    remote = ray.remote(num_cpus=cluster.cpus_per_worker,
+                        num_gpus=cluster.gpus_per_worker or 0, max_retries=1)(task)
+    return remote.remote(spec, query_rows, factor_dir, cluster)
 
 
 class Scorer:
@@ -82,7 +109,8 @@ class Scorer:
         self.device = device_for(cluster)
         self.spec = spec
         self.model, self.tokenizer, self.units = _model_and_units(spec, self.device)
-        self.features = {k: v.to(self.device) for k, v in ray.get(features_ref[0]).items()}
+        features = ray.get(features_ref[0])
+        self.features = {k: v.to(self.device) for k, v in features.items()}
 
     def __call__(self, table: pa.Table) -> pa.Table:
         columns = {k: table.column(k).to_numpy(zero_copy_only=False)
@@ -97,14 +125,18 @@ class Scorer:
         return table.append_column("raw", pa.FixedSizeListArray.from_arrays(flat, raw.shape[1]))
 
 
-def score_corpus(dataset, spec: ScoreSpec, features: dict[str, torch.Tensor],
-                 cluster: ClusterConfig, raw_dir: Path, progress=None) -> dict:
+def score_corpus(dataset, spec: ScoreSpec, features, cluster: ClusterConfig, raw_dir: Path,
+                 progress=None) -> dict:
     """Stream ``dataset`` through an actor pool; write raw score shards to ``raw_dir``.
 
+    ``features``: the preconditioned queries, a dict of tensors or the ObjectRef of one
+    (``precondition_on_worker``), shared by every scorer through the object store.
     ``progress``: a ``cluster.progress.Progress`` counter the actors feed after each batch.
     """
     import ray
-    features_ref = [ray.put({k: v.cpu() for k, v in features.items()})]  # put once, shared
+    if not isinstance(features, ray.ObjectRef):
+        features = ray.put({k: v.cpu() for k, v in features.items()})  # put once, shared
+    features_ref = [features]  # in a list, so Ray hands the actors the ref, not the value
     start = time.perf_counter()
     scored = dataset.map_batches(
         Scorer, fn_constructor_kwargs={"spec": spec, "features_ref": features_ref,

@@ -13,7 +13,8 @@ from hydra.core.config_store import ConfigStore
 class ModelConf:
     # A Hugging Face causal-LM directory; empty: the demo trains one in `prepare`.
     path: str = ""
-    # Precision the influence and correction stages load the model in.
+    # Precision of the model's forward and backward in every stage: float32 | bfloat16 |
+    # float16 | float64 (statistics, IHVPs and scores always accumulate in float32 or better).
     dtype: str = "float32"
     # Never run code shipped with a model unless the user says so.
     trust_remote_code: bool = False
@@ -70,6 +71,9 @@ class InfluenceConf:
     # ekfac/kfac/gradsim: only the linear modules whose name contains this (e.g. "lora_" for
     # the adapters of a LoRA-tuned model); empty: all of the blocks' linear modules.
     module_filter: str = ""
+    # Keep each preconditioned query as rank-r factors per unit (memory r(o+i) instead of o·i;
+    # 32 lets 64+ queries fit a 7B scorer); null: full rank.
+    query_rank: int | None = None
 
 
 @dataclass

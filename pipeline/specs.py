@@ -32,7 +32,8 @@ def influence(cfg: LancetConf) -> InfluenceConfig:
     i = cfg.influence
     return InfluenceConfig(method=i.method, query_batch_size=i.query_batch_size,
                            aggregate=i.aggregate, similarity=i.similarity, fisher=i.fisher,
-                           damping=damping(cfg), module_filter=i.module_filter)
+                           damping=damping(cfg), module_filter=i.module_filter,
+                           query_rank=i.query_rank)
 
 
 def selection(cfg: LancetConf) -> SelectionConfig:

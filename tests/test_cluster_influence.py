@@ -10,7 +10,13 @@ from cluster.datasets import read_prepared
 from cluster.factor_job import FactorSpec, fit_factors, load_curvature
 from cluster.progress import Progress
 from cluster.runtime import ClusterConfig
-from cluster.scoring import ScoreSpec, finalize, precondition, score_corpus
+from cluster.scoring import (
+    ScoreSpec,
+    finalize,
+    precondition,
+    precondition_on_worker,
+    score_corpus,
+)
 from operators.scores import InfluenceConfig
 
 pytestmark = pytest.mark.ray
@@ -67,7 +73,8 @@ def test_two_workers_fit_the_same_factors_and_scores_as_one(ray_local, assets, t
     queries = [r for r in corpus.train if r["planted"]][:5]
     results = {}
     for n, root in ((1, tmp_path / "w1"), (2, tmp_path / "w2")):
-        feats = precondition(spec, queries, root / "factors")
+        feats = (precondition(spec, queries, root / "factors") if n == 1 else  # in-process
+                 precondition_on_worker(spec, queries, root / "factors", cluster_of(n)))  # a task
         with live("score", rows, lines) as progress:
             score_corpus(read_prepared(train, cluster_of(n)), spec, feats, cluster_of(n),
                          root / "raw", progress.counter)

@@ -52,3 +52,16 @@ def test_ray_storage_keeps_uris_and_makes_folders_absolute(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     made = storage_uri("shared/ray")
     assert made == str(tmp_path / "shared" / "ray") and (tmp_path / "shared" / "ray").is_dir()
+
+
+def test_cluster_gpu_means_bfloat16_unless_overridden():
+    assert compose_typed(["cluster=gpu"]).model.dtype == "bfloat16"
+    assert compose_typed(["cluster=gpu", "model.dtype=float32"]).model.dtype == "float32"
+    assert compose_typed(["cluster=gpu"]).cluster.gpus_per_worker == 1
+    assert compose_typed([]).model.dtype == "float32"
+
+
+def test_query_rank_reaches_the_influence_config():
+    from pipeline.specs import influence
+    assert influence(compose_typed(["influence.query_rank=32"])).query_rank == 32
+    assert influence(compose_typed([])).query_rank is None

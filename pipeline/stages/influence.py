@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from cluster.datasets import read_prepared
 from cluster.factor_job import fit_factors, passes
 from cluster.progress import Progress
 from cluster.runtime import connect
-from cluster.scoring import finalize, precondition, score_corpus
+from cluster.scoring import finalize, precondition_on_worker, score_corpus
 from pipeline import specs
 from pipeline.dag import StageContext
 from pipeline.fingerprints import data_fingerprint, model_fingerprint
@@ -65,7 +66,7 @@ def run_score(ctx: StageContext) -> dict:
     spec = specs.score_spec(cfg, model_dir(prepared))
     queries = pq.read_table(prepared / "queries.parquet").to_pylist()
     factors = ctx.inputs["fit_factors"] if spec.influence.uses_curvature else None
-    features = precondition(spec, queries, factors, cluster.batch_size)
+    features = precondition_on_worker(spec, queries, factors, cluster)
     raw_dir = ctx.out / "_raw"
     train = prepared / "train.parquet"
     with Progress("score", rows(train), ctx.log) as progress:
@@ -78,7 +79,7 @@ def run_score(ctx: StageContext) -> dict:
                 f"excluded: {summary['nonfinite_ids'][:10]}")
     ctx.log(f"score: {metrics['sequences']} sequences, {metrics['sequences_per_s']:.1f} seq/s, "
             f"{metrics['tokens_per_s']:.0f} tokens/s")
-    n_batches = next(iter(features.values())).shape[0]
+    n_batches = math.ceil(len(queries) / spec.influence.query_batch_size)
     return {"score/sequences_per_s": metrics["sequences_per_s"],
             "score/tokens_per_s": metrics["tokens_per_s"], "score/query_batches": n_batches,
             "score/nonfinite": summary["nonfinite"], "score/rows": summary["rows"]}

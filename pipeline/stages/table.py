@@ -14,7 +14,7 @@ STAGES = [
     Stage("fit_factors", influence.run_fit, ("prepare",), INFLUENCE_KEYS, "factors"),
     Stage("score", influence.run_score, ("prepare", "fit_factors"),
           INFLUENCE_KEYS + ("influence.query_batch_size", "influence.aggregate",
-                            "influence.similarity"), "influence",
+                            "influence.similarity", "influence.query_rank"), "influence",
           version="2"),  # 2: ranked/ is a folder of streamed shards
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
