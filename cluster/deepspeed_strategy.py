@@ -18,9 +18,13 @@ def read_ds_config(path: str | Path) -> dict:
         raise ValueError(f"ibo.deepspeed_config={path}: not valid JSON ({err})") from err
 
 
-def resolve_ds_config(config: dict, use_gpu: bool) -> dict:
-    """``"auto"`` bf16 means on when a GPU supports it, else off."""
+def resolve_ds_config(config: dict, use_gpu: bool, dtype: str = "float32") -> dict:
+    """``"auto"`` bf16 means on when a GPU supports it, else off; ``model.dtype=bfloat16`` turns
+    DeepSpeed's bf16 mode on (bf16 forward and backward, float32 master weights and optimizer
+    state), so small updates are not rounded away as they would be in a pure bf16 model."""
     config = json.loads(json.dumps(config))
+    if dtype == "bfloat16":
+        config.setdefault("bf16", {})["enabled"] = True
     for key in ("bf16", "fp16"):
         if config.get(key, {}).get("enabled") == "auto":
             config[key]["enabled"] = bool(use_gpu and key == "bf16"

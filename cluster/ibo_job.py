@@ -73,8 +73,8 @@ def _take(rows: list[dict], step: int, size: int) -> list[dict]:
     return [rows[(start + i) % len(rows)] for i in range(min(size, len(rows)))]
 
 
-def _policy(spec: IBOSpec, device: str):
-    model = load_model(spec.model_path, spec.dtype, False, spec.trust_remote_code, device)
+def _policy(spec: IBOSpec, device: str, dtype: str):
+    model = load_model(spec.model_path, dtype, False, spec.trust_remote_code, device)
     if spec.reinit:
         model.apply(model._init_weights)  # the oracle retrains from scratch
     if spec.lora.enabled:
@@ -114,8 +114,11 @@ def ibo_worker(config: dict) -> None:
         raise ValueError(f"worker {world()[0]} got no rows of {empty}: fewer samples than "
                          "cluster.num_workers")
     ref = _reference(spec, tokenizer, rows, device)
-    strategy = DeepSpeedStrategy(resolve_ds_config(config["ds_config"], cluster.use_gpu), spec.lr)
-    engine = strategy.setup(_policy(spec, device))
+    ds_config = resolve_ds_config(config["ds_config"], cluster.use_gpu, spec.dtype)
+    strategy = DeepSpeedStrategy(ds_config, spec.lr)
+    # DeepSpeed's bf16 mode casts a float32 model itself and keeps float32 master weights
+    bf16 = ds_config.get("bf16", {}).get("enabled") is True
+    engine = strategy.setup(_policy(spec, device, "float32" if bf16 else spec.dtype))
     start = _resume(strategy)
     times = []
     for step in range(start, spec.steps):

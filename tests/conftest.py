@@ -16,6 +16,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The GPU tier runs where CUDA is; elsewhere each of its tests skips with the reason."""
+    if torch.cuda.is_available():
+        return
+    reason = pytest.mark.skip(reason="no CUDA device here (torch.cuda.is_available() is False): "
+                                     "the gpu tier runs on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(reason)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
