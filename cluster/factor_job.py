@@ -72,26 +72,28 @@ def zero_stats(units: list[Unit], which: str, dtype: torch.dtype = torch.float64
 
 def eigendecompose_shared(stats: dict[str, torch.Tensor], units: list[Unit], device: str
                           ) -> dict[str, Eigen]:
-    """``eigh`` of every unit, the units shared round-robin among the workers, then summed.
+    """``eigh`` of every unit in float64 on ``device``, the units shared round-robin among the
+    workers, each result summed across them one unit at a time and kept in host memory.
 
-    Worker r decomposes units r, r + W, …; the others' slots stay zero, so one all-reduce sum
-    hands every worker every eigenbasis (one worker decomposes each unit: no sign ambiguity).
+    Worker r decomposes units r, r + W, …; the others send zeros, so the all-reduce sum hands
+    every worker every eigenbasis (one worker decomposes each unit: no sign ambiguity). The
+    float64 bases go to host memory: the device keeps only the float32 copies the next pass uses.
     """
     rank, size = world()
-    if size == 1:
-        return eigendecompose(stats, units)
-    mine = eigendecompose(stats, units[rank::size])
-    flat = {}
-    for unit in units:
+    out = {}
+    for index, unit in enumerate(units):
         o, i = unit.shape
-        eig = mine.get(unit.name)
-        for key, shape, value in (("qa", (i, i), eig and eig.qa), ("a", (i,), eig and eig.a),
-                                  ("qs", (o, o), eig and eig.qs), ("s", (o,), eig and eig.s)):
-            flat[f"{unit.name}/{key}"] = (value if value is not None else
-                                          torch.zeros(shape, dtype=torch.float64, device=device))
-    flat = allreduce_sum(flat, device)
-    return {u.name: Eigen(*(flat[f"{u.name}/{k}"] for k in ("qa", "a", "qs", "s")))
-            for u in units}
+        if index % size == rank:
+            eig = eigendecompose(stats, [unit])[unit.name]
+            parts = {"qa": eig.qa, "a": eig.a, "qs": eig.qs, "s": eig.s}
+        else:
+            parts = {k: torch.zeros(shape, dtype=torch.float64, device=device) for k, shape in
+                     (("qa", (i, i)), ("a", (i,)), ("qs", (o, o)), ("s", (o,)))}
+        if size > 1:
+            parts = allreduce_sum({f"{unit.name}/{k}": v for k, v in parts.items()}, device)
+            parts = {k.rsplit("/", 1)[1]: v for k, v in parts.items()}
+        out[unit.name] = Eigen(*(parts[k].cpu() for k in ("qa", "a", "qs", "s")))
+    return out
 
 
 def _shard_batches(shard, tokenizer, spec: FactorSpec, batch_size: int, device: str, counter,
@@ -126,7 +128,8 @@ def factor_worker(config: dict) -> None:
              or zero_stats(units, "covariance", dtype, device))
     stats = allreduce_sum(stats, device)
     eigens = eigendecompose_shared(stats, units, device)
-    lam = None
+    stats = {k: v for k, v in stats.items() if not k.endswith("_sum")}  # free A, S: only
+    lam = None  # the counts are kept
     if spec.corrected:
         batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter,
                                  progress)

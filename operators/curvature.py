@@ -144,12 +144,12 @@ def lambda_pass(model: nn.Module, units: list[Unit], eigens: dict[str, Eigen],
         total = {} if total is None else total
         _count_nonfinite(total, keep)
         for unit in units:
-            kappa, grad = pairs.pop(unit.name)
+            kappa, grad = pairs.pop(unit.name)  # a dropped sequence is all zeros: adds nothing
             if unit.name not in bases:
                 bases[unit.name] = eigens[unit.name].cast(stat_dtype(kappa.dtype), kappa.device)
-            rotated = rotated_gradients(kappa[keep], grad[keep], bases[unit.name])
-            add_lambda(total, rotated, unit.name)
-            del rotated, kappa, grad
+            add_lambda(total, rotated_gradients(kappa, grad, bases[unit.name]), unit.name,
+                       keep.sum())
+            del kappa, grad
     return total
 
 

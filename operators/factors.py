@@ -135,14 +135,18 @@ def rotated_gradients(kappa: Tensor, grad: Tensor, eigen: Eigen) -> Tensor:
     return rotate(torch.einsum("bto,bti->boi", g, k), eigen)
 
 
-def add_lambda(total: FactorDict, rotated: Tensor, name: str) -> FactorDict:
-    """Add Σ_b (Q_Sᵀ DŴ_b Q_A)² of ``rotated [B, o, i]`` to ``total`` in place."""
+def add_lambda(total: FactorDict, rotated: Tensor, name: str, count: Tensor | int | None = None
+               ) -> FactorDict:
+    """Add Σ_b (Q_Sᵀ DŴ_b Q_A)² of ``rotated [B, o, i]`` to ``total`` in place.
+
+    ``count``: the sequences to count (default all B; fewer when dropped rows are zeros).
+    """
     key = f"{name}/lambda_sum"
     if key not in total:
         total[key] = torch.zeros(rotated.shape[1:], dtype=rotated.dtype, device=rotated.device)
         total[f"{name}/lambda_count"] = torch.zeros(1, dtype=torch.float64, device=rotated.device)
     total[key] += (rotated ** 2).sum(dim=0)
-    total[f"{name}/lambda_count"] += float(rotated.shape[0])
+    total[f"{name}/lambda_count"] += rotated.shape[0] if count is None else count
     return total
 
 
@@ -155,12 +159,13 @@ def lambda_stats(grads: Tensor, name: str, eigen: Eigen) -> FactorDict:
 def eigenvalues(stats: FactorDict | None, eigens: dict[str, Eigen], corrected: bool
                 ) -> dict[str, Tensor]:
     """Λ per unit: the sequence-level correction (EK-FAC, LinFAC) or ``s aᵀ`` (KFAC)."""
-    if not corrected:
+    if not corrected:  # on the device of the eigenbases (host memory after a distributed fit)
         return {name: torch.outer(e.s, e.a) for name, e in eigens.items()}
     if stats is None:
         raise ValueError("eigenvalue correction needs lambda statistics")
-    return {name: stats[f"{name}/lambda_sum"].double()
-            / stats[f"{name}/lambda_count"].double().clamp_min(1.0) for name in eigens}
+    return {name: stats[f"{name}/lambda_sum"].to(eigens[name].a.device, torch.float64)
+            / stats[f"{name}/lambda_count"].to(eigens[name].a.device).clamp_min(1.0)
+            for name in eigens}
 
 
 def damping_value(lam: Tensor, config: DampingConfig) -> float:
