@@ -21,7 +21,8 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def tokenize(cfg: LancetConf) -> TokenizeConfig:
     return TokenizeConfig(max_length=cfg.model.max_length, truncate=cfg.model.truncate,
-                          train_on_prompt=cfg.model.train_on_prompt, seed=cfg.seed)
+                          train_on_prompt=cfg.model.train_on_prompt, seed=cfg.seed,
+                          template=cfg.data.template)
 
 
 def damping(cfg: LancetConf) -> DampingConfig:
@@ -77,6 +78,7 @@ def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
 
 def validate(cfg: LancetConf) -> None:
     """Build every spec once at start-up so a bad value fails before any stage runs."""
+    tokenize(cfg)
     influence(cfg)
     selection(cfg)
     cluster(cfg)
