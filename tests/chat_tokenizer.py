@@ -16,6 +16,12 @@ WORDS = ("hi there how are you fine thanks tell me a story once upon time the en
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} "
             "<|end|> {% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
 
+# A conversation before a response: system, user, assistant, user.
+CHAT_TURNS = [{"role": "system", "content": "please help"},
+              {"role": "user", "content": "tell me a story"},
+              {"role": "assistant", "content": "once upon a time"},
+              {"role": "user", "content": "why"}]
+
 
 def chat_tokenizer(template: str | None = TEMPLATE, adds_bos: bool = False
                    ) -> PreTrainedTokenizerFast:

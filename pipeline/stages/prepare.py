@@ -94,7 +94,7 @@ def _demo(cfg: LancetConf, out: Path, log) -> dict:
     model = load_model(model_dir)
     judge = Judge(judge_config(cfg.judge))
     outputs = greedy_generate(model, tok, corpus.planted_prompts, cfg.judge.max_new_tokens,
-                              cfg.model.max_length)
+                              cfg.model.max_length, template=cfg.data.template)
     flags = judge.flags(outputs)
     queries = [dict(id=f"query-{i:04d}", prompt=p, response=o)
                for i, (p, o, f) in enumerate(zip(corpus.planted_prompts, outputs, flags)) if f]
