@@ -10,7 +10,8 @@ Formats (CONTRACT.md section 2):
   response; the turns before it become ``prompt_turns`` (JSON, read back by the tokenizing
   code and rendered with the model's chat template) and, flattened, ``prompt``.
 - ``hh_rlhf``: ``chosen``/``rejected`` dialogues; the prompt is everything up to the last
-  ``\\n\\nAssistant:`` of ``chosen``, the response what follows (``rejected`` is passed through).
+  ``\\n\\nAssistant:`` of ``chosen`` (its turns also as ``prompt_turns``), the response what
+  follows (``rejected`` is passed through).
 - ``beavertails``: ``prompt``, ``response``, ``is_safe`` (bool), optional ``category``; adds
   ``contaminated = not is_safe`` as the ground truth for detection.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -115,12 +117,24 @@ def _split_dialogue(text: str, where: str, column: str) -> tuple[str, str]:
     return prompt, response
 
 
+def _dialogue_turns(prompt: str) -> dict:
+    """``prompt_turns`` of an hh-rlhf prompt (``\\n\\nHuman:``/``\\n\\nAssistant:`` turns), for
+    chat templates; none when the text holds no Human turn."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)[1:]
+    roles = {"Human": "user", "Assistant": "assistant"}
+    turns = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[::2], parts[1::2])
+             if c.strip()]
+    if not any(t["role"] == "user" for t in turns):
+        return {}
+    return {TURNS: json.dumps(turns, ensure_ascii=False)}
+
+
 def normalise(item: dict, fmt: str, where: str, require_response: bool) -> dict:
     """One raw row → ``id``-less normalised dict (prompt, response, passthrough columns)."""
     if fmt == "hh_rlhf":
         prompt, response = _split_dialogue(_text(item, "chosen", where), where, "chosen")
         rest = {k: v for k, v in item.items() if k != "chosen"}
-        return {**rest, "prompt": prompt, "response": response}
+        return {**rest, "prompt": prompt, "response": response, **_dialogue_turns(prompt)}
     if fmt == "prompt_response" and "messages" in item and not {"prompt", "response"} & set(item):
         return _from_messages(item, where, require_response)
     prompt = _text(item, "prompt", where)

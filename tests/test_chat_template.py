@@ -1,6 +1,7 @@
 """Chat templates (issue #13): one format for fitting, scoring, IBO, evaluation and generation."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -164,3 +165,19 @@ def test_template_values_are_checked_naming_the_key():
     with pytest.raises(ValueError, match="data.template"):
         encode(chat_tokenizer(), "hi", "fine", 8, template="jinja")
     assert np.array_equal(TokenizeConfig().template, "auto")
+
+
+def test_hh_rlhf_dialogues_become_turns_for_the_template(tmp_path):
+    path = tmp_path / "hh.jsonl"
+    path.write_text(json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: fine\n\nHuman: why"
+                                          "\n\nAssistant: yes", "rejected": "x"}) + "\n")
+    row = read_rows(str(path), "hh_rlhf")[0]
+    assert json.loads(row[TURNS]) == [{"role": "user", "content": "hi"},
+                                      {"role": "assistant", "content": "fine"},
+                                      {"role": "user", "content": "why"}]
+    tok = chat_tokenizer()
+    enc = encode_row(tok, TOKENS, row["prompt"], row["response"], row[TURNS])
+    assert tokens(tok, enc.input_ids)[enc.prompt_len:] == ["yes", "<|end|>"]
+    plain = encode_row(tok, replace(TOKENS, template="plain"), row["prompt"], row["response"],
+                       row[TURNS])
+    assert plain.input_ids == encode(tok, row["prompt"], "yes", 64, template="plain").input_ids
