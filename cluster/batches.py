@@ -14,7 +14,7 @@ from operators.sequences import Encoded, collate, encode, sample_seed
 # The conversation before the response (a JSON list of {role, content}), written by
 # ``cluster.dataio`` for rows given as ``messages``; absent or null: one user turn, ``prompt``.
 TURNS = "prompt_turns"
-TEXT_COLUMNS = ("id", "prompt", "response", TURNS)
+TEXT_COLUMNS = ("id", "prompt", "response")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class TokenizeConfig:
 
 def text_columns(names) -> list[str]:
     """The columns of ``names`` that tokenizing reads (``prompt_turns`` only where present)."""
-    return [k for k in TEXT_COLUMNS if k in names or k != TURNS]
+    return [*TEXT_COLUMNS, *([TURNS] if TURNS in names else [])]
 
 
 def turns_of(value) -> Turns | None:
