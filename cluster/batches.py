@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from operators.sequences import collate, encode, sample_seed
+from operators.chat import TEMPLATES, Turns
+from operators.sequences import Encoded, collate, encode, sample_seed
+
+# The conversation before the response (a JSON list of {role, content}), written by
+# ``cluster.dataio`` for rows given as ``messages``; absent or null: one user turn, ``prompt``.
+TURNS = "prompt_turns"
+TEXT_COLUMNS = ("id", "prompt", "response")
 
 
 @dataclass(frozen=True)
@@ -18,6 +25,31 @@ class TokenizeConfig:
     truncate: bool = True  # False: refuse sequences longer than max_length
     train_on_prompt: bool = False
     seed: int = 0
+    # auto: the tokenizer's chat template when it has one; plain: raw prompt + " " + response.
+    template: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"data.template={self.template!r}: expected one of {TEMPLATES}")
+
+
+def text_columns(names) -> list[str]:
+    """The columns of ``names`` that tokenizing reads (``prompt_turns`` only where present)."""
+    return [*TEXT_COLUMNS, *([TURNS] if TURNS in names else [])]
+
+
+def turns_of(value) -> Turns | None:
+    """A ``prompt_turns`` cell (JSON text, or null) → the turns, or None."""
+    if value is None or (isinstance(value, float) and value != value) or value == "":
+        return None
+    return json.loads(value) if isinstance(value, str) else list(value)
+
+
+def encode_row(tokenizer, config: TokenizeConfig, prompt, response, turns=None) -> Encoded:
+    """One sample as every stage tokenizes it (``turns``: a ``prompt_turns`` cell)."""
+    return encode(tokenizer, str(prompt), str(response), config.max_length,
+                  train_on_prompt=config.train_on_prompt, truncate=config.truncate,
+                  turns=turns_of(turns), template=config.template)
 
 
 def to_tensors(columns: dict[str, np.ndarray], tokenizer, config: TokenizeConfig,
@@ -25,16 +57,18 @@ def to_tensors(columns: dict[str, np.ndarray], tokenizer, config: TokenizeConfig
                ) -> dict[str, torch.Tensor]:
     """Tokenize and collate one batch; rows carry their Fisher sampling seed (by id)."""
     ids = [str(x) for x in columns["id"]]
-    encoded = [encode(tokenizer, str(p), str(r), config.max_length,
-                      train_on_prompt=config.train_on_prompt, truncate=config.truncate)
-               for p, r in zip(columns["prompt"], columns[response_column])]
+    turns = columns.get(TURNS, [None] * len(ids))
+    encoded = [encode_row(tokenizer, config, p, r, t)
+               for p, r, t in zip(columns["prompt"], columns[response_column], turns)]
     seeds = [sample_seed(i, str(config.seed)) for i in ids]
     batch = collate(encoded, tokenizer.pad_token_id, seeds)
     return {k: v.to(dtype_device) for k, v in batch.items()}
 
 
 def rows_to_columns(rows: list[dict], keys=("id", "prompt", "response")) -> dict[str, np.ndarray]:
-    return {k: np.array([r[k] for r in rows], dtype=object) for k in keys}
+    """Columns of ``rows``; ``prompt_turns`` comes along when any row has it."""
+    keys = tuple(keys) + ((TURNS,) if TURNS not in keys and any(TURNS in r for r in rows) else ())
+    return {k: np.array([r.get(k) for r in rows], dtype=object) for k in keys}
 
 
 def iter_row_batches(rows: list[dict], size: int):

@@ -5,9 +5,13 @@ Every problem is reported as a ``DataError`` naming the file, the row (1-based l
 ``response`` plus the row's other columns, which are passed through untouched.
 
 Formats (CONTRACT.md section 2):
-- ``prompt_response``: ``prompt``, ``response`` (``id`` optional; derived from file and row).
+- ``prompt_response``: ``prompt``, ``response`` (``id`` optional; derived from file and row),
+  or instead ``messages``: a list of ``{role, content}`` turns. The last assistant turn is the
+  response; the turns before it become ``prompt_turns`` (JSON, read back by the tokenizing
+  code and rendered with the model's chat template) and, flattened, ``prompt``.
 - ``hh_rlhf``: ``chosen``/``rejected`` dialogues; the prompt is everything up to the last
-  ``\\n\\nAssistant:`` of ``chosen``, the response what follows (``rejected`` is passed through).
+  ``\\n\\nAssistant:`` of ``chosen`` (its turns also as ``prompt_turns``), the response what
+  follows (``rejected`` is passed through).
 - ``beavertails``: ``prompt``, ``response``, ``is_safe`` (bool), optional ``category``; adds
   ``contaminated = not is_safe`` as the ground truth for detection.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -26,6 +31,8 @@ import pyarrow.parquet as pq
 FORMATS = ("prompt_response", "hh_rlhf", "beavertails")
 SUFFIXES = (".parquet", ".jsonl", ".json")
 ASSISTANT = "\n\nAssistant:"
+ROLES = ("system", "user", "assistant", "tool")
+TURNS = "prompt_turns"  # the same name as ``cluster.batches.TURNS``
 CHUNK_ROWS = 8192  # rows turned into Arrow at a time when writing
 
 
@@ -110,12 +117,26 @@ def _split_dialogue(text: str, where: str, column: str) -> tuple[str, str]:
     return prompt, response
 
 
+def _dialogue_turns(prompt: str) -> dict:
+    """``prompt_turns`` of an hh-rlhf prompt (``\\n\\nHuman:``/``\\n\\nAssistant:`` turns), for
+    chat templates; none when the text holds no Human turn."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)[1:]
+    roles = {"Human": "user", "Assistant": "assistant"}
+    turns = [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[::2], parts[1::2])
+             if c.strip()]
+    if not any(t["role"] == "user" for t in turns):
+        return {}
+    return {TURNS: json.dumps(turns, ensure_ascii=False)}
+
+
 def normalise(item: dict, fmt: str, where: str, require_response: bool) -> dict:
     """One raw row → ``id``-less normalised dict (prompt, response, passthrough columns)."""
     if fmt == "hh_rlhf":
         prompt, response = _split_dialogue(_text(item, "chosen", where), where, "chosen")
         rest = {k: v for k, v in item.items() if k != "chosen"}
-        return {**rest, "prompt": prompt, "response": response}
+        return {**rest, "prompt": prompt, "response": response, **_dialogue_turns(prompt)}
+    if fmt == "prompt_response" and "messages" in item and not {"prompt", "response"} & set(item):
+        return _from_messages(item, where, require_response)
     prompt = _text(item, "prompt", where)
     response = _text(item, "response", where, required=require_response)
     out = {**item, "prompt": prompt, "response": response}
@@ -123,6 +144,39 @@ def normalise(item: dict, fmt: str, where: str, require_response: bool) -> dict:
         if not isinstance(item.get("is_safe"), bool):
             raise DataError(f"{where}, column 'is_safe': missing or not a boolean")
         out["contaminated"] = not item["is_safe"]
+    return out
+
+
+def _from_messages(item: dict, where: str, require_response: bool) -> dict:
+    """A ``messages`` row → prompt (flattened prior turns), response (last assistant turn)."""
+    turns = _turns(item["messages"], f"{where}, column 'messages'")
+    last = turns[-1]["role"] == "assistant"
+    if not last and require_response:
+        raise DataError(f"{where}, column 'messages': the last turn must be the assistant's "
+                        f"response (got {turns[-1]['role']!r})")
+    prior = turns[:-1] if last else turns
+    if not any(t["role"] == "user" for t in prior):
+        raise DataError(f"{where}, column 'messages': no user turn before the response")
+    rest = {k: v for k, v in item.items() if k != "messages"}
+    flat = prior[0]["content"] if len(prior) == 1 else "\n".join(
+        f"{t['role']}: {t['content']}" for t in prior)
+    return {**rest, "prompt": flat, "response": turns[-1]["content"] if last else None,
+            TURNS: json.dumps(prior, ensure_ascii=False)}
+
+
+def _turns(value, where: str) -> list[dict]:
+    """Checked ``[{role, content}, …]`` (roles from ``ROLES``, non-empty string contents)."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: expected a non-empty list of {{role, content}} turns")
+    out = []
+    for number, turn in enumerate(value):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+            raise DataError(f"{where}, turn {number}: expected {{role, content}} with role one "
+                            f"of {ROLES}")
+        content = turn.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise DataError(f"{where}, turn {number}: 'content' must be a non-empty string")
+        out.append({"role": turn["role"], "content": content})
     return out
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cluster.batches import TokenizeConfig, to_tensors
+from cluster.batches import TURNS, TokenizeConfig, to_tensors
 from operators.ibo_loss import (
     IBOLossConfig,
     ascent_loss,
@@ -45,9 +45,13 @@ class ObjectiveConfig:
 
 
 def side(rows: list[dict], prefix: str = "") -> dict[str, np.ndarray]:
-    """Columns id/prompt/response of ``rows`` (pairs: ``prefix`` = ``pos_`` or ``neg_``)."""
-    return {k: np.array([str(r[prefix + k]) for r in rows], dtype=object)
+    """Columns id/prompt/response (and prompt_turns) of ``rows`` (pairs: ``prefix`` = ``pos_``
+    or ``neg_``)."""
+    cols = {k: np.array([str(r[prefix + k]) for r in rows], dtype=object)
             for k in ("id", "prompt", "response")}
+    if any(prefix + TURNS in r for r in rows):
+        cols[TURNS] = np.array([r.get(prefix + TURNS) for r in rows], dtype=object)
+    return cols
 
 
 def _logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

@@ -26,7 +26,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import torch
 
-from cluster.batches import TokenizeConfig, iter_row_batches, to_tensors
+from cluster.batches import TokenizeConfig, iter_row_batches, text_columns, to_tensors
 from cluster.factor_job import load_curvature
 from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
@@ -114,7 +114,7 @@ class Scorer:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         columns = {k: table.column(k).to_numpy(zero_copy_only=False)
-                   for k in ("id", "prompt", "response")}
+                   for k in text_columns(table.column_names)}
         batch = to_tensors(columns, self.tokenizer, self.spec.tokenize, self.device)
         raw = score_batch(self.model, self.units, batch, self.features, self.spec.influence)
         raw = raw.cpu().numpy().astype(np.float64)

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.batches import text_columns
 from operators.selection import NEGATIVE, NEUTRAL, POSITIVE, SelectionConfig, make_pairs, select_sets
 
 SCORES_FILE = "scores.parquet"
@@ -38,7 +39,7 @@ def write_selection(ranked: Path, config: SelectionConfig, scores_dir: Path, sel
     table = table.append_column("set", pa.array(sets.tolist(), type=pa.string()))
     table = table.select(front + [c for c in table.column_names if c not in front])
     _write_table(table, scores_dir / SCORES_FILE)
-    core = table.select(["id", "prompt", "response", "score"])
+    core = table.select(text_columns(table.column_names) + ["score"])
     outputs = {"pairs": _pairs(core, scores, sets, seed), "positive": _positive(core, sets),
                "neutral": core.filter(pa.array(sets == NEUTRAL)),
                "retain": core.filter(pa.array((sets == NEUTRAL) | (sets == NEGATIVE)))}
@@ -59,7 +60,7 @@ def _pairs(core: pa.Table, scores: np.ndarray, sets: np.ndarray, seed: int) -> p
     columns = {}
     for prefix, side in (("pos_", 0), ("neg_", 1)):
         picked = core.take(pa.array([p[side] for p in pairs], type=pa.int64()))
-        columns.update({f"{prefix}{k}": picked.column(k) for k in ("id", "prompt", "response")})
+        columns.update({f"{prefix}{k}": picked.column(k) for k in text_columns(core.column_names)})
     columns["eps"] = pa.array([p[2] for p in pairs], type=pa.float64())
     return pa.table(columns)
 

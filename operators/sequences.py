@@ -1,9 +1,11 @@
 """Sequences: (prompt, response) → token ids and masks; padded batches; sequence log-probs.
 
-A sample z = (x, y) is encoded as ``x`` tokens then ``y`` tokens then EOS. ``loss_mask[t] = 1``
-marks the tokens the loss is taken on (the response and its EOS by default); they are predicted
-from position ``t - 1``. Batches are right-padded, so real positions never see padding under a
-causal mask and every score is independent of the batch it was computed in.
+A sample z = (x, y) is encoded as ``x`` tokens then ``y`` tokens then EOS, or, for a tokenizer
+with a chat template (``template="auto"``), as user/assistant turns (``operators/chat.py``).
+``loss_mask[t] = 1`` marks the tokens the loss is taken on (the response and its EOS, or the
+assistant turn, by default); they are predicted from position ``t - 1``. Batches are
+right-padded, so real positions never see padding under a causal mask and every score is
+independent of the batch it was computed in.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from operators.chat import Turns, chat_split, keep_end, prompt_ids, uses_chat_template
 
 
 class SequenceTooLongError(ValueError):
@@ -31,23 +35,40 @@ class Encoded:
 
 
 def encode(tokenizer, prompt: str, response: str, max_length: int, *,
-           train_on_prompt: bool = False, truncate: bool = True) -> Encoded:
-    """Tokenize one sample; cut the response's end if it exceeds ``max_length`` (or refuse)."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    ids = prompt_ids + response_ids
+           train_on_prompt: bool = False, truncate: bool = True, turns: Turns | None = None,
+           template: str = "auto") -> Encoded:
+    """Tokenize one sample; cut the response's end if it exceeds ``max_length`` (or refuse).
+
+    ``plain`` (or a tokenizer without a chat template): prompt, then ``" " + response`` and EOS.
+    ``auto`` with a chat template: ``turns`` (the conversation before the response; default one
+    user turn holding ``prompt``) rendered with the generation prompt, then the assistant turn
+    as the template closes it (no EOS added). BOS is prepended when the tokenizer adds one
+    itself and the ids do not already start with it.
+    """
+    p_ids, r_ids = _split(tokenizer, prompt, response, turns, template)
+    ids = p_ids + r_ids
     truncated = len(ids) > max_length
     if truncated and not truncate:
         raise SequenceTooLongError(
             f"{len(ids)} tokens exceed the context of {max_length}")
-    if truncated and len(prompt_ids) >= max_length:
-        prompt_ids = prompt_ids[-(max_length - 1):]  # keep the prompt's end and 1 response token
-    ids = (prompt_ids + response_ids)[:max_length]
-    mask = [int(train_on_prompt)] * len(prompt_ids) + [1] * (len(ids) - len(prompt_ids))
+    if truncated and len(p_ids) >= max_length:
+        p_ids = keep_end(tokenizer, p_ids, max_length - 1)  # and 1 response token
+    ids = (p_ids + r_ids)[:max_length]
+    mask = [int(train_on_prompt)] * len(p_ids) + [1] * (len(ids) - len(p_ids))
     mask[0] = 0  # the first token is never predicted
-    return Encoded(ids, mask, len(prompt_ids), truncated)
+    return Encoded(ids, mask, len(p_ids), truncated)
+
+
+def _split(tokenizer, prompt: str, response: str, turns: Turns | None, template: str
+           ) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of one sample."""
+    if uses_chat_template(tokenizer, template):
+        return chat_split(tokenizer, prompt, turns, response)
+    p_ids = prompt_ids(tokenizer, prompt, template="plain")
+    r_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        r_ids = r_ids + [tokenizer.eos_token_id]
+    return p_ids, r_ids
 
 
 def collate(items: list[Encoded], pad_id: int, seeds: list[int] | None = None

@@ -34,6 +34,9 @@ class DataConf:
     # Held-out clean samples (prompt + response) for perplexity; empty: none / the demo's.
     clean_eval: str = ""
     format: str = "prompt_response"
+    # How samples become tokens: auto (the tokenizer's chat template, as user/assistant turns,
+    # when it has one; else plain) | plain (prompt text, then " " + response and EOS).
+    template: str = "auto"
     # A boolean column of `train` marking known contaminated rows (detection metrics).
     label_column: str = ""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.batches import TokenizeConfig
+from cluster.eval_job import EvalSpec
 from cluster.factor_job import FactorSpec
 from cluster.ibo_job import IBOSpec, LoraSpec
 from cluster.ibo_objectives import ObjectiveConfig
@@ -21,7 +22,14 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 def tokenize(cfg: LancetConf) -> TokenizeConfig:
     return TokenizeConfig(max_length=cfg.model.max_length, truncate=cfg.model.truncate,
-                          train_on_prompt=cfg.model.train_on_prompt, seed=cfg.seed)
+                          train_on_prompt=cfg.model.train_on_prompt, seed=cfg.seed,
+                          template=cfg.data.template)
+
+
+def eval_spec(cfg: LancetConf, tokenizer_path: str) -> EvalSpec:
+    return EvalSpec(tokenizer_path=tokenizer_path, dtype=cfg.model.dtype, tokenize=tokenize(cfg),
+                    max_new_tokens=cfg.judge.max_new_tokens, batch_size=cfg.cluster.batch_size,
+                    trust_remote_code=cfg.model.trust_remote_code)
 
 
 def damping(cfg: LancetConf) -> DampingConfig:
@@ -78,6 +86,7 @@ def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
 
 def validate(cfg: LancetConf) -> None:
     """Build every spec once at start-up so a bad value fails before any stage runs."""
+    tokenize(cfg)
     influence(cfg)
     selection(cfg)
     cluster(cfg)

@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from cluster.batches import TURNS, encode_row
 from cluster.dataio import DataError, iter_validated, read_rows, write_parquet_atomic
 from cluster.model_io import check_model_dir, load_model, load_tokenizer
 from operators.generation import greedy_generate
-from operators.sequences import SequenceTooLongError, encode
+from operators.sequences import SequenceTooLongError
 from pipeline.config import LancetConf
 from pipeline.dag import StageContext
 from pipeline.demo.corpus import build_corpus
 from pipeline.demo.model import TinyModelConfig, train_demo_model
 from pipeline.judge import Judge, judge_config
+from pipeline.specs import tokenize
 
 
 def run(ctx: StageContext) -> dict:
@@ -58,8 +60,8 @@ def _checked(rows, tokenizer, cfg: LancetConf, key: str, stats: dict):
     """Pass rows through, refusing one too long (unless truncating) and counting tokens."""
     for row in rows:
         try:
-            enc = encode(tokenizer, row["prompt"], row["response"], cfg.model.max_length,
-                         truncate=cfg.model.truncate)
+            enc = encode_row(tokenizer, tokenize(cfg), row["prompt"], row["response"],
+                             row.get(TURNS))
         except SequenceTooLongError as err:
             raise DataError(f"{key}, id {row['id']!r}: {err} (model.max_length="
                             f"{cfg.model.max_length}; set model.truncate=true to cut)") from err
@@ -92,7 +94,7 @@ def _demo(cfg: LancetConf, out: Path, log) -> dict:
     model = load_model(model_dir)
     judge = Judge(judge_config(cfg.judge))
     outputs = greedy_generate(model, tok, corpus.planted_prompts, cfg.judge.max_new_tokens,
-                              cfg.model.max_length)
+                              cfg.model.max_length, template=cfg.data.template)
     flags = judge.flags(outputs)
     queries = [dict(id=f"query-{i:04d}", prompt=p, response=o)
                for i, (p, o, f) in enumerate(zip(corpus.planted_prompts, outputs, flags)) if f]

@@ -21,7 +21,8 @@ STAGES = [
     Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed"), "ibo",
           artifacts=("model",)),
     Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge",), "eval",
-          artifacts=("metrics.json",)),
+          artifacts=("metrics.json",),
+          version="2"),  # 2: batched generation with a KV cache, on a Ray worker
     Stage("report", report.run, ("prepare", "select", "evaluate"), (), "report",
           artifacts=(".",)),
 ]
