@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: help install demo test test-hosts test-fast bench bench-quick lint clean
+.PHONY: help install demo test test-hosts test-fast bench bench-gpu plan bench-quick lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,12 @@ test-fast: $(STAMP)  ## only the float64 math tests (no Ray)
 
 bench: $(STAMP)  ## benchmarks; writes bench/RESULTS.md
 	$(PY) -m bench.run
+
+bench-gpu: $(STAMP)  ## the GPU benchmark (1.1B Llama shapes, bf16); says so and skips without CUDA
+	$(PY) -m bench.gpu
+
+plan: $(STAMP)  ## the memory plan per stage and GPU for Llama-2-7B and Llama-3-8B shapes
+	$(PY) -m pipeline.plan --model llama2-7b --model llama3-8b
 
 bench-quick: $(STAMP)  ## a quick pass of the benchmarks
 	$(PY) -m bench.run --quick

@@ -206,11 +206,20 @@ def main() -> None:
     more, extra = correction_section(keep, args.quick, work)
     lines += more + perf_section(keep, work, extra, args.quick)
     lines += [f"Total benchmark time: {(time.time() - began) / 60:.1f} min.", ""]
-    RESULTS.write_text("\n".join(lines))
+    RESULTS.write_text("\n".join(lines) + _gpu_section())
     from bench import scaling
     scaling.main()
     log(f"wrote {RESULTS}")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def _gpu_section() -> str:
+    """The section `python -m bench.gpu` wrote on a GPU machine, kept across CPU runs."""
+    from bench.gpu import BEGIN, END
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    if BEGIN not in old or END not in old:
+        return ""
+    return "\n\n" + BEGIN + old.split(BEGIN, 1)[1].split(END, 1)[0] + END + "\n"
 
 
 if __name__ == "__main__":
