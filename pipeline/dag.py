@@ -120,25 +120,32 @@ def run_stage(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], fp: str, c
         metrics = _reuse(stage, final, verify, log)
         if metrics is not None:
             return final, metrics, True
-    tmp = cache / stage.name / f".{fp}.tmp-{os.getpid()}"
+    return final, _compute(stage, cfg, inputs, final, log, verify), False
+
+
+def _compute(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], final: Path,
+             log: Callable[[str], None], verify: str) -> dict:
+    """Run ``stage`` in a temporary folder, record its files last, rename it to ``final``."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     began = time.perf_counter()
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         metrics = stage.run(StageContext(cfg, inputs, tmp, log)) or {}
         metrics[f"time/{stage.name}_s"] = time.perf_counter() - began
-        records.write(tmp, {"stage": stage.name, "fingerprint": fp, "metrics": metrics}, verify)
+        records.write(tmp, {"stage": stage.name, "fingerprint": final.name, "metrics": metrics},
+                      verify)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         fault = write_fault(err, final.parent) if isinstance(err, Exception) else None
-        if fault is not None:
+        if fault is not None:  # a full or read-only disk: one line naming the path
             raise fault from err
         raise
     if final.exists():  # a concurrent job finished the same stage first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(final)
-    return final, metrics, False
+    return metrics
 
 
 def _reuse(stage: Stage, final: Path, verify: str, log: Callable[[str], None]) -> dict | None:
