@@ -109,6 +109,10 @@ class Tracker:
         if clean:
             self._call(lambda: self.mlflow.log_metrics(clean))
 
+    def tags(self, values: dict[str, str]) -> None:
+        if self.enabled:
+            self._call(self.mlflow.set_tags, values)
+
     def artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         if not self.enabled or not path.exists():
             return

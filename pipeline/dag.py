@@ -171,10 +171,13 @@ def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], 
     results: dict[str, dict] = {}
     for stage in order(stages):
         fp = fingerprint(stage, cfg, prints)
-        with tracker.stage(stage.name, (cache / stage.name / fp / DONE).is_file(), fp):
+        recorded = (cache / stage.name / fp / DONE).is_file()
+        with tracker.stage(stage.name, recorded, fp):
             log(f"stage {stage.name} [{fp}] ...")
             path, metrics, cached = run_stage(stage, cfg, {k: paths[k] for k in stage.inputs},
                                               fp, cache, log, cfg.pipeline.verify)
+            if cached != recorded:  # found damaged and recomputed
+                tracker.tags({"lancet.cached": str(cached).lower()})
             tracker.metrics(metrics)
             for rel in stage.artifacts:
                 tracker.artifacts(path / rel, stage.publish_as)
