@@ -106,8 +106,8 @@ class Tracker:
     def metrics(self, values: dict) -> None:
         clean = {k: float(v) for k, v in values.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v}
-        if clean:
-            self._call(lambda: self.mlflow.log_metrics(clean))
+        if clean and self.enabled:
+            self._call(self.mlflow.log_metrics, clean)
 
     def tags(self, values: dict[str, str]) -> None:
         if self.enabled:
