@@ -155,6 +155,10 @@ class PipelineConf:
     until: str = ""
     # Print the closing summary.
     summary: bool = True
+    # How a stage reused from the cache is checked against its record (stage.json): quick (every
+    # file's size, and the sha256 of files up to 64 MiB) | full (the sha256 of every file, also
+    # recorded for every file) | off (trust the record). A damaged stage is recomputed.
+    verify: str = "quick"
 
 
 @dataclass

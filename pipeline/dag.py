@@ -4,7 +4,9 @@ A stage's output is fingerprinted by the stage's name and version, its slice of 
 its inputs' fingerprints, and lives in ``cache_dir/<stage>/<fingerprint>/``. A stage computes into
 a temporary folder that is renamed into place only when it succeeded, so a killed run leaves no
 half-written output and the rerun resumes at the first unfinished stage. ``output_dir/<name>``
-links to each stage's cached output (names as CONTRACT.md section 3 fixes them).
+links to each stage's cached output (names as CONTRACT.md section 3 fixes them). The stage
+record (``records.py``) says what each file looked like; a cached stage whose files differ is
+recomputed with a warning naming the file.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline import records
 from pipeline.config import LancetConf
-
-DONE = "stage.json"
+from pipeline.faults import write_fault
+from pipeline.records import DONE
 
 
 @dataclass(frozen=True)
@@ -110,28 +113,52 @@ def _publish(final: Path, output_dir: Path, name: str) -> None:
 
 
 def run_stage(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], fp: str, cache: Path,
-              log: Callable[[str], None]) -> tuple[Path, dict, bool]:
+              log: Callable[[str], None], verify: str = "quick") -> tuple[Path, dict, bool]:
     """Reuse the cached output of ``stage`` or compute it atomically; (path, metrics, cached)."""
     final = cache / stage.name / fp
     if (final / DONE).is_file():
-        return final, json.loads((final / DONE).read_text())["metrics"], True
-    tmp = cache / stage.name / f".{fp}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+        metrics = _reuse(stage, final, verify, log)
+        if metrics is not None:
+            return final, metrics, True
+    return final, _compute(stage, cfg, inputs, final, log, verify), False
+
+
+def _compute(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], final: Path,
+             log: Callable[[str], None], verify: str) -> dict:
+    """Run ``stage`` in a temporary folder, record its files last, rename it to ``final``."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     began = time.perf_counter()
     try:
-        metrics = stage.run(StageContext(cfg, inputs, tmp, log)) or {}
-    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        metrics = stage.run(StageContext(cfg, inputs, tmp, log)) or {}
+        metrics[f"time/{stage.name}_s"] = time.perf_counter() - began
+        records.write(tmp, {"stage": stage.name, "fingerprint": final.name, "metrics": metrics},
+                      verify)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fault = write_fault(err, final.parent) if isinstance(err, Exception) else None
+        if fault is not None:  # a full or read-only disk: one line naming the path
+            raise fault from err
         raise
-    metrics[f"time/{stage.name}_s"] = time.perf_counter() - began
-    (tmp / DONE).write_text(json.dumps({"stage": stage.name, "fingerprint": fp,
-                                        "metrics": metrics}, default=str))
     if final.exists():  # a concurrent job finished the same stage first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(final)
-    return final, metrics, False
+    return metrics
+
+
+def _reuse(stage: Stage, final: Path, verify: str, log: Callable[[str], None]) -> dict | None:
+    """The metrics of a cached stage whose files match its record; None once a damaged one is
+    moved aside (the caller recomputes it under the same fingerprint)."""
+    record = records.load(final)
+    damage = records.problem(final, record, verify)
+    if not damage:
+        return record["metrics"]
+    why = f"cached stage {stage.name} is damaged ({damage})"
+    records.discard(final, why)
+    log(f"warning: {why}; recomputing it")
+    return None
 
 
 def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], None]
@@ -144,10 +171,13 @@ def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], 
     results: dict[str, dict] = {}
     for stage in order(stages):
         fp = fingerprint(stage, cfg, prints)
-        with tracker.stage(stage.name, (cache / stage.name / fp / DONE).is_file(), fp):
+        recorded = (cache / stage.name / fp / DONE).is_file()
+        with tracker.stage(stage.name, recorded, fp):
             log(f"stage {stage.name} [{fp}] ...")
             path, metrics, cached = run_stage(stage, cfg, {k: paths[k] for k in stage.inputs},
-                                              fp, cache, log)
+                                              fp, cache, log, cfg.pipeline.verify)
+            if cached != recorded:  # found damaged and recomputed
+                tracker.tags({"lancet.cached": str(cached).lower()})
             tracker.metrics(metrics)
             for rel in stage.artifacts:
                 tracker.artifacts(path / rel, stage.publish_as)

@@ -17,11 +17,17 @@ from operators.units import UnsupportedModelError
 from pipeline import specs
 from pipeline.config import LancetConf, to_typed
 from pipeline.dag import run_dag, select_until
+from pipeline.faults import EXIT_CODE, write_fault
+from pipeline.records import CacheError
 from pipeline.stages.table import STAGES
 from pipeline.summary import summary
 
 log = logging.getLogger("lancet")
 USER_ERRORS = (DataError, ModelLoadError, UnsupportedModelError, ValueError, FileNotFoundError)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store failed during a run whose stages finished."""
 
 
 def tracking_uri(cfg: LancetConf) -> str:
@@ -47,6 +53,9 @@ def run_pipeline(cfg: LancetConf, resolved: dict) -> dict:
     (output / "run.json").write_text(json.dumps(
         {"mlflow_run_id": run_id, "tracking_uri": tracker.uri, "stages": results}, indent=2,
         default=str))
+    if tracker.failure is not None:
+        raise TrackingError(f"the MLflow tracking store {tracker.uri} failed: {tracker.failure}; "
+                            f"stage results are kept in {Path(cfg.cache_dir).resolve()}")
     return {"results": results, "run_id": run_id, "tracking_uri": tracker.uri}
 
 
@@ -57,19 +66,28 @@ def run_from_hydra(cfg) -> int:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         typed = to_typed(cfg)
         out = run_pipeline(typed, resolved)
-    except USER_ERRORS as err:
+    except (CacheError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_CODE
     except Exception as err:  # a stage failed: the cause, then the trace for a bug report
-        cause = _user_cause(err)
-        if cause is not None:
-            print(f"error: {cause}", file=sys.stderr)
-            return 2
-        traceback.print_exc()
-        return 1
+        return _report(err)
     if typed.pipeline.summary:
         print(summary(typed, out))
     return 0
+
+
+def _report(err: Exception) -> int:
+    """One line for a machine fault (exit 3) or bad input (exit 2); else the trace (exit 1)."""
+    fault = write_fault(err)  # before user errors: a full disk is an OSError, not bad input
+    if fault is not None:
+        print(f"error: {fault}", file=sys.stderr)
+        return EXIT_CODE
+    cause = _user_cause(err)
+    if cause is not None:
+        print(f"error: {cause}", file=sys.stderr)
+        return 2
+    traceback.print_exc()
+    return 1
 
 
 def _user_cause(err: BaseException) -> BaseException | None:

@@ -16,6 +16,7 @@ from operators.ibo_loss import IBOLossConfig
 from operators.scores import InfluenceConfig
 from operators.selection import SelectionConfig
 from pipeline.config import LancetConf
+from pipeline.records import VERIFY_MODES
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -99,3 +100,6 @@ def validate(cfg: LancetConf) -> None:
     if cfg.model.dtype not in ("float32", "float64", "bfloat16", "float16"):
         raise ValueError(f"model.dtype={cfg.model.dtype!r}: expected float32, float64, bfloat16 "
                          "or float16")
+    if cfg.pipeline.verify not in VERIFY_MODES:
+        raise ValueError(f"pipeline.verify={cfg.pipeline.verify!r}: expected one of "
+                         f"{', '.join(VERIFY_MODES)}")

@@ -35,6 +35,7 @@ def user_project(tmp_path_factory):
     ("influence.method=lissa", "influence.method='lissa'"),
     ("ibo.method=dpo", "ibo.method='dpo'"),
     ("model.dtype=int8", "model.dtype='int8'"),
+    ("pipeline.verify=sha", "pipeline.verify='sha': expected one of off, quick, full"),
 ])
 def test_bad_config_value_names_the_key(override, message, tmp_path):
     proc = run_cli(*BASE, override, f"cache_dir={tmp_path}", f"output_dir={tmp_path / 'o'}",

@@ -1,11 +1,15 @@
-"""Faults on a real local Ray: killed workers, killed scorers, a killed driver, failed writes."""
+"""Faults on a real local Ray: killed workers, killed scorers, a killed driver, failed writes,
+a damaged cache, a full or read-only disk."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -19,6 +23,7 @@ from cluster.datasets import read_prepared
 from cluster.factor_job import FactorSpec, fit_factors, load_curvature
 from cluster.runtime import ClusterConfig
 from cluster.scoring import ScoreSpec, finalize, precondition, score_corpus
+from pipeline import records
 
 pytestmark = pytest.mark.ray
 CLUSTER = ClusterConfig(num_workers=2, cpus_per_worker=0.5, batch_size=4)
@@ -161,3 +166,91 @@ def test_a_killed_driver_reruns_skipping_finished_stages(tmp_path, tiny_pipeline
     run_cli("debug=tiny", "cluster.local_cpus=2", alpha, f"cache_dir={cache}",
             f"output_dir={tmp_path / 'rerun'}")
     assert computed(tmp_path / "rerun") == {"ibo", "evaluate", "report"}
+
+
+@contextmanager
+def small_disk(where: Path, size: str, *options: str):
+    """A tmpfs of ``size`` mounted at ``where`` (root only), or a skip saying why not."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("a small filesystem needs root to mount a tmpfs")
+    opts = ",".join((f"size={size}", *options))
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def copy_cache(tiny_pipeline, to: Path) -> Path:
+    """A private copy of the shared tiny run's cache, to damage without harming other tests."""
+    shutil.copytree(tiny_pipeline[0], to, symlinks=True,
+                    ignore=shutil.ignore_patterns("_ray_train", ".*"))
+    return to
+
+
+def one_error_line(proc) -> str:
+    """The run ended with exit 3 and one ``error:`` line, no traceback; that line."""
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and proc.stderr.rstrip().endswith(errors[0]), proc.stderr[-3000:]
+    return errors[0]
+
+
+def intact(cache: Path) -> None:
+    """No temporary folder left, and every published stage matches its record."""
+    assert not [p for p in cache.rglob(".*tmp-*")], "a temporary stage folder was left"
+    for done in cache.glob("*/*/stage.json"):
+        assert records.problem(done.parent, records.load(done.parent), "full") == ""
+
+
+@pytest.mark.slow
+def test_a_truncated_cached_artifact_is_recomputed_with_a_warning(tmp_path, tiny_pipeline):
+    cache, out = copy_cache(tiny_pipeline, tmp_path / "cache"), tmp_path / "out"
+    factors = next(cache.glob("fit_factors/*/factors.safetensors"))
+    factors.write_bytes(factors.read_bytes()[: factors.stat().st_size // 2])
+    proc = run_cli("debug=tiny", "cluster.local_cpus=2", "pipeline.until=score",
+                   "influence.aggregate=mean", f"cache_dir={cache}", f"output_dir={out}")
+    assert f"cached stage fit_factors is damaged ({factors}: " in proc.stderr
+    assert computed(out) == {"fit_factors", "score"}
+    assert load_curvature(out / "factors")[0].eigens
+    intact(cache)
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_cache_and_output_ends_with_one_line(tmp_path):
+    with small_disk(tmp_path / "small", "1m") as disk:
+        proc = run_cli("debug=tiny", "cluster.local_cpus=2", f"cache_dir={disk / 'cache'}",
+                       f"output_dir={disk / 'out'}", check=False)
+        line = one_error_line(proc)
+        assert str(disk) in line
+        assert "no space left on device" in line or "database or disk is full" in line
+        intact(disk / "cache")
+
+
+@pytest.mark.slow
+def test_a_full_mlflow_store_keeps_the_stage_results(tmp_path, tiny_pipeline):
+    cache, out = copy_cache(tiny_pipeline, tmp_path / "cache"), tmp_path / "out"
+    with small_disk(tmp_path / "small", "64k") as disk:
+        proc = run_cli("debug=tiny", "cluster.local_cpus=2", "pipeline.until=select",
+                       "influence.alpha=0.65", f"cache_dir={cache}", f"output_dir={out}",
+                       f"mlflow.tracking_uri=sqlite:///{disk / 'mlflow.db'}", check=False)
+    line = one_error_line(proc)
+    assert line == (f"error: the MLflow tracking store sqlite:///{disk / 'mlflow.db'} failed: "
+                    f"database or disk is full; stage results are kept in {cache.resolve()}")
+    assert computed(out) == {"select"}
+    assert (out / "scores" / "scores.parquet").is_file()
+    intact(cache)
+
+
+@pytest.mark.slow
+def test_a_read_only_output_dir_ends_with_one_line_before_any_stage(tmp_path):
+    with small_disk(tmp_path / "ro", "64k", "ro") as disk:
+        proc = run_cli("debug=tiny", f"cache_dir={tmp_path / 'cache'}",
+                       f"output_dir={disk / 'out'}", check=False)
+    assert one_error_line(proc) == f"error: cannot write {disk / 'out'}: read-only file system"
+    assert not (tmp_path / "cache").exists()
