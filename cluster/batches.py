@@ -19,6 +19,10 @@ class TokenizeConfig:
     train_on_prompt: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if int(self.max_length) < 2:  # a prompt token and a response token at least
+            raise ValueError(f"model.max_length={self.max_length}: must be >= 2")
+
 
 def to_tensors(columns: dict[str, np.ndarray], tokenizer, config: TokenizeConfig,
                dtype_device: str = "cpu", response_column: str = "response"

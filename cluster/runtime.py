@@ -43,6 +43,14 @@ class ClusterConfig:
             raise ValueError(f"cluster.num_workers={self.num_workers}: must be >= 1")
         if self.batch_size < 1:
             raise ValueError(f"cluster.batch_size={self.batch_size}: must be >= 1")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cluster.cpus_per_worker={self.cpus_per_worker}: must be > 0")
+        if not self.gpus_per_worker >= 0:
+            raise ValueError(f"cluster.gpus_per_worker={self.gpus_per_worker}: must be >= 0")
+        if self.threads_per_worker < 1:
+            raise ValueError(f"cluster.threads_per_worker={self.threads_per_worker}: must be >= 1")
+        if self.num_cpus_local is not None and self.num_cpus_local < 1:
+            raise ValueError(f"cluster.local_cpus={self.num_cpus_local}: must be >= 1 or null")
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
         if self.placement_strategy not in strategies:
             raise ValueError(f"cluster.placement_strategy={self.placement_strategy!r}: expected "

@@ -29,6 +29,12 @@ class DampingConfig:
     relative: float = 0.1
     absolute: float | None = None
 
+    def __post_init__(self) -> None:
+        if not self.relative >= 0:  # `not >=` also refuses NaN
+            raise ValueError(f"influence.damping={self.relative}: must be >= 0")
+        if self.absolute is not None and not self.absolute >= 0:
+            raise ValueError(f"influence.damping_absolute={self.absolute}: must be >= 0 or null")
+
 
 def covariance_stats(kappa: Tensor, grad: Tensor, name: str, token_mask: Tensor) -> FactorDict:
     """Sums of one batch for one unit. ``kappa [B,T,i]``, ``grad [B,T,o]`` already masked."""

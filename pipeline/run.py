@@ -33,6 +33,7 @@ def tracking_uri(cfg: LancetConf) -> str:
 def run_pipeline(cfg: LancetConf, resolved: dict) -> dict:
     """Validate, then run the DAG (up to ``pipeline.until``) inside an MLflow parent run."""
     specs.validate(cfg)
+    specs.check_inputs(cfg)
     stages = select_until(STAGES, cfg.pipeline.until)
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -59,11 +59,14 @@ def score_spec(cfg: LancetConf, model_path: str) -> ScoreSpec:
                      tokenize=tokenize(cfg), trust_remote_code=cfg.model.trust_remote_code)
 
 
+def deepspeed_path(cfg: LancetConf) -> Path:
+    path = Path(cfg.ibo.deepspeed_config)
+    return path if path.is_absolute() else PROJECT / path
+
+
 def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
     b = cfg.ibo
-    ds_path = Path(b.deepspeed_config)
-    if not ds_path.is_absolute():
-        ds_path = PROJECT / ds_path
+    ds_path = deepspeed_path(cfg)
     lora = LoraSpec(enabled=b.lora.enabled, r=b.lora.r, alpha=b.lora.alpha, dropout=b.lora.dropout,
                     target_modules=tuple(b.lora.target_modules), save=b.lora.save)
     objective = ObjectiveConfig(method=b.method, loss=IBOLossConfig(beta=b.beta, gamma=b.gamma),
@@ -75,12 +78,39 @@ def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
                    reinit=b.reinit, trust_remote_code=cfg.model.trust_remote_code)
 
 
+def demo_model(cfg: LancetConf):
+    from pipeline.demo.model import TinyModelConfig
+    d = cfg.demo
+    return TinyModelConfig(width=d.width, layers=d.layers, heads=d.heads,
+                           context=cfg.model.max_length, epochs=d.epochs, lr=d.lr, seed=d.seed)
+
+
+def _check_ranges(cfg: LancetConf) -> None:
+    """The numeric keys no spec consumes (the others are checked by their spec)."""
+    if not 0 < cfg.demo.bad_rate <= 1:
+        raise ValueError(f"demo.bad_rate={cfg.demo.bad_rate}: must be in (0, 1]")
+    if cfg.judge.max_new_tokens < 1:
+        raise ValueError(f"judge.max_new_tokens={cfg.judge.max_new_tokens}: must be >= 1")
+    if cfg.cluster.max_failures < -1:
+        raise ValueError(f"cluster.max_failures={cfg.cluster.max_failures}: must be >= 0 "
+                         "(-1: retry forever)")
+
+
+def check_inputs(cfg: LancetConf) -> None:
+    """The files the config names, as far as a glance can tell (the rows are read by prepare)."""
+    if cfg.model.path:
+        from cluster.model_io import check_model_dir
+        check_model_dir(cfg.model.path)
+
+
 def validate(cfg: LancetConf) -> None:
     """Build every spec once at start-up so a bad value fails before any stage runs."""
     influence(cfg)
     selection(cfg)
     cluster(cfg)
     ibo_spec(cfg, cfg.model.path or "model")
+    demo_model(cfg)
+    _check_ranges(cfg)
     from pipeline.judge import judge_config
     judge_config(cfg.judge)
     if cfg.data.format not in ("prompt_response", "hh_rlhf", "beavertails"):
