@@ -140,6 +140,10 @@ class ClusterConf:
     max_failures: int = 2
     # PACK (default) or SPREAD (one worker per node where possible).
     placement_strategy: str = "PACK"
+    # An autoscaling cluster: wait (up to the timeout) for workers that do not fit yet, instead
+    # of failing at once.
+    autoscale: bool = False
+    autoscale_timeout_s: float = 900.0
 
 
 @dataclass

@@ -12,12 +12,13 @@ from omegaconf import OmegaConf
 
 from cluster.dataio import DataError
 from cluster.model_io import ModelLoadError
+from cluster.runtime import connect
 from cluster.tracking import Tracker
 from operators.units import UnsupportedModelError
 from pipeline import specs
 from pipeline.config import LancetConf, to_typed
 from pipeline.dag import run_dag, select_until
-from pipeline.stages.table import STAGES
+from pipeline.stages.table import CLUSTER_STAGES, STAGES
 from pipeline.summary import summary
 
 log = logging.getLogger("lancet")
@@ -35,6 +36,8 @@ def run_pipeline(cfg: LancetConf, resolved: dict) -> dict:
     specs.validate(cfg)
     specs.check_inputs(cfg)
     stages = select_until(STAGES, cfg.pipeline.until)
+    if any(s.name in CLUSTER_STAGES for s in stages):
+        connect(specs.cluster(cfg))  # fails at once if the workers can never be placed
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     config_file = output / "config.yaml"

@@ -44,7 +44,8 @@ def cluster(cfg: LancetConf) -> ClusterConfig:
     return ClusterConfig(address=c.address, num_workers=c.num_workers,
                          cpus_per_worker=c.cpus_per_worker, gpus_per_worker=c.gpus_per_worker,
                          threads_per_worker=c.threads_per_worker, batch_size=c.batch_size,
-                         num_cpus_local=c.local_cpus, placement_strategy=c.placement_strategy)
+                         num_cpus_local=c.local_cpus, placement_strategy=c.placement_strategy,
+                         autoscale=c.autoscale, autoscale_timeout_s=c.autoscale_timeout_s)
 
 
 def factor_spec(cfg: LancetConf, model_path: str) -> FactorSpec:

@@ -22,6 +22,9 @@ def ibo_reads(cfg: LancetConf) -> dict[str, str]:
     return {"ibo.deepspeed_config": str(specs.deepspeed_path(cfg))}
 
 
+# The stages that run Ray workers: the cluster must be able to place them before any starts.
+CLUSTER_STAGES = ("fit_factors", "score", "ibo")
+
 STAGES = [
     Stage("prepare", prepare.run, (), MODEL_KEYS, "data", reads=prepare_reads),
     Stage("fit_factors", influence.run_fit, ("prepare",), INFLUENCE_KEYS, "factors"),
