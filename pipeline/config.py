@@ -5,6 +5,7 @@ sees OmegaConf."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
@@ -177,6 +178,16 @@ class LancetConf:
     # Stage outputs by fingerprint, shared by reruns and sweep jobs.
     cache_dir: str = ".lancet_cache"
     seed: int = 0
+
+
+def conf_dir() -> Path:
+    """``conf/``: the checkout's, or the installed copy (package ``lancet_conf``, built from
+    the same folder by pyproject.toml) when LANCET runs from a wheel."""
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    import lancet_conf
+    return Path(lancet_conf.__file__).resolve().parent
 
 
 def register() -> None:

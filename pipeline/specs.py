@@ -14,7 +14,7 @@ from operators.factors import DampingConfig
 from operators.ibo_loss import IBOLossConfig
 from operators.scores import InfluenceConfig
 from operators.selection import SelectionConfig
-from pipeline.config import LancetConf
+from pipeline.config import LancetConf, conf_dir
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -61,8 +61,13 @@ def score_spec(cfg: LancetConf, model_path: str) -> ScoreSpec:
 
 
 def deepspeed_path(cfg: LancetConf) -> Path:
+    """Relative paths are the project's; ``conf/…`` is also found in an installed LANCET."""
     path = Path(cfg.ibo.deepspeed_config)
-    return path if path.is_absolute() else PROJECT / path
+    if path.is_absolute() or (PROJECT / path).is_file():
+        return path if path.is_absolute() else PROJECT / path
+    if path.parts[:1] == ("conf",):
+        return conf_dir().joinpath(*path.parts[1:])
+    return PROJECT / path
 
 
 def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
