@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -58,8 +59,8 @@ def run_from_hydra(cfg) -> int:
     """Entry used by ``python -m pipeline``; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="[lancet] %(message)s", force=True)
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
         typed = to_typed(cfg)
+        resolved = asdict(typed)  # what the run uses: demo-only defaults already resolved
         out = run_pipeline(typed, resolved)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
