@@ -11,7 +11,7 @@ from pipeline.specs import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir()
-          if g.is_dir() and g.name != "deepspeed"}
+          if g.is_dir() and g.name != "deepspeed" and not g.name.startswith("_")}
 USER_DATA = ["data.train=t", "data.queries=q"]
 REQUIRED = {"model=hf": ["model.path=/m", *USER_DATA], "data=custom": USER_DATA,
             "judge=keyword": ["judge.patterns=[x]"], "judge=classifier": ["judge.path=/c"]}

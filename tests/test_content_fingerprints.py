@@ -63,3 +63,14 @@ def test_ibo_key_holds_the_worker_count_and_the_deepspeed_json(tmp_path):
     assert ibo_key(2) != one  # ibo.batch_size is per worker: the real batch differs
     ds.write_text('{"zero_optimization": {"stage": 2}}')
     assert ibo_key(1) != one
+
+
+def test_a_classifier_judge_edited_in_place_changes_the_evaluate_key(tmp_path):
+    judge = tmp_path / "clf"
+    judge.mkdir()
+    (judge / "config.json").write_text('{"labels": 2}')
+    cfg = compose_typed(["judge=classifier", f"judge.path={judge}"])
+    cfg.cache_dir = str(tmp_path / "cache")
+    first = fingerprint(STAGE["evaluate"], cfg, UPSTREAM)
+    (judge / "config.json").write_text('{"labels": 3}')
+    assert fingerprint(STAGE["evaluate"], cfg, UPSTREAM) != first

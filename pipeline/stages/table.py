@@ -22,6 +22,10 @@ def ibo_reads(cfg: LancetConf) -> dict[str, str]:
     return {"ibo.deepspeed_config": str(specs.deepspeed_path(cfg))}
 
 
+def evaluate_reads(cfg: LancetConf) -> dict[str, str]:
+    return {"judge.path": cfg.judge.path}  # a classifier judge's folder (empty: keyword judge)
+
+
 # The stages that run Ray workers: the cluster must be able to place them before any starts.
 CLUSTER_STAGES = ("fit_factors", "score", "ibo")
 
@@ -38,7 +42,7 @@ STAGES = [
     Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed", "cluster.num_workers"), "ibo",
           artifacts=("model",), reads=ibo_reads),
     Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge",), "eval",
-          artifacts=("metrics.json",)),
+          artifacts=("metrics.json",), reads=evaluate_reads),
     Stage("report", report.run, ("prepare", "select", "evaluate"), (), "report",
           artifacts=(".",)),
 ]
