@@ -51,6 +51,10 @@ def encode_row(tokenizer, config: TokenizeConfig, prompt, response, turns=None) 
                   train_on_prompt=config.train_on_prompt, truncate=config.truncate,
                   turns=turns_of(turns), template=config.template)
 
+    def __post_init__(self) -> None:
+        if int(self.max_length) < 2:  # a prompt token and a response token at least
+            raise ValueError(f"model.max_length={self.max_length}: must be >= 2")
+
 
 def to_tensors(columns: dict[str, np.ndarray], tokenizer, config: TokenizeConfig,
                dtype_device: str = "cpu", response_column: str = "response"

@@ -74,7 +74,8 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig: a byte-order mark (Windows editors write one) is not data
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 raise DataError(f"{path}, line {line_no}: bytes that are not UTF-8 at offset "
                                 f"{err.start}") from err

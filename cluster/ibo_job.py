@@ -41,6 +41,12 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if self.save not in ("merged", "adapter"):
             raise ValueError(f"ibo.lora.save={self.save!r}: expected merged or adapter")
+        if int(self.r) < 1:
+            raise ValueError(f"ibo.lora.r={self.r}: must be >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"ibo.lora.alpha={self.alpha}: must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"ibo.lora.dropout={self.dropout}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class IBOSpec:
         for key in ("steps", "batch_size", "checkpoint_every"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"ibo.{key}={getattr(self, key)}: must be >= 1")
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ValueError(f"ibo.lr={self.lr}: must be > 0")
 
 

@@ -42,6 +42,8 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         if self.method not in IBO_METHODS:
             raise ValueError(f"ibo.method={self.method!r}: expected one of {IBO_METHODS}")
+        if int(self.bregman_topk) < 1:
+            raise ValueError(f"ibo.bregman_topk={self.bregman_topk}: must be >= 1")
 
 
 def side(rows: list[dict], prefix: str = "") -> dict[str, np.ndarray]:

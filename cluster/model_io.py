@@ -11,12 +11,30 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
           "float16": torch.float16}
 
 
+# Any one of these is a complete tokenizer (a BPE vocab.json also needs its merges.txt).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.json", "vocab.txt", "tiktoken.model")
+
+
 class ModelLoadError(ValueError):
     """The model directory is missing, incomplete, corrupt or of an unsupported architecture."""
 
 
-def check_model_dir(path: str | Path) -> Path:
-    """Refuse a missing or incomplete model directory before any worker tries to load it."""
+def _check_tokenizer_files(path: Path) -> None:
+    """Without its files transformers builds a tokenizer with an empty vocabulary and every
+    score downstream is computed from it: refuse instead, naming what is missing."""
+    present = [name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not present and not any(path.glob("*.tiktoken")):
+        raise ModelLoadError(f"model.path={path}: no tokenizer files (missing tokenizer.json; "
+                             f"or one of {', '.join(TOKENIZER_FILES[1:])})")
+    if present == ["vocab.json"] and not (path / "merges.txt").is_file():
+        raise ModelLoadError(f"model.path={path}: vocab.json without merges.txt (missing "
+                             "merges.txt or tokenizer.json)")
+
+
+def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
+    """Refuse a missing or incomplete model directory before any worker tries to load it
+    (``tokenizer=False``: the weights alone, e.g. a model whose tokenizer is read elsewhere)."""
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model.path={path}: no such directory")
@@ -29,6 +47,8 @@ def check_model_dir(path: str | Path) -> Path:
         raise ModelLoadError(f"{config}: not valid JSON ({err})") from err
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ModelLoadError(f"model.path={path}: no weights (*.safetensors) found")
+    if tokenizer:
+        _check_tokenizer_files(path)
     return path
 
 
@@ -39,6 +59,9 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises many types for a broken tokenizer
         raise ModelLoadError(f"model.path={path}: cannot load the tokenizer ({err})") from err
+    if len(tok) < 2:
+        raise ModelLoadError(f"model.path={path}: the tokenizer has an empty vocabulary "
+                             f"({len(tok)} tokens): its files are incomplete")
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelLoadError(f"model.path={path}: the tokenizer has neither pad nor eos token")
@@ -91,7 +114,7 @@ def load_model(path: str | Path, dtype: str = "float32", eager_attention: bool =
     needs; they come from ``lancet_sdpa`` (SDPA plus a chunked recomputation), not eager.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-    path = check_model_dir(path)
+    path = check_model_dir(path, tokenizer=False)
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if eager_attention:
         try:

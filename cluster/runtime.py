@@ -27,6 +27,8 @@ class ClusterConfig:
     batch_size: int = 16
     num_cpus_local: int | None = None  # CPUs of a local Ray started by the run (None: all)
     placement_strategy: str = "PACK"  # SPREAD puts workers on different nodes
+    autoscale: bool = False  # True: wait (up to autoscale_timeout_s) for workers that do not fit
+    autoscale_timeout_s: float = 900.0
 
     def scaling(self):
         """Ray Train's ScalingConfig for this cluster."""
@@ -43,6 +45,16 @@ class ClusterConfig:
             raise ValueError(f"cluster.num_workers={self.num_workers}: must be >= 1")
         if self.batch_size < 1:
             raise ValueError(f"cluster.batch_size={self.batch_size}: must be >= 1")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cluster.cpus_per_worker={self.cpus_per_worker}: must be > 0")
+        if not self.gpus_per_worker >= 0:
+            raise ValueError(f"cluster.gpus_per_worker={self.gpus_per_worker}: must be >= 0")
+        if self.threads_per_worker < 1:
+            raise ValueError(f"cluster.threads_per_worker={self.threads_per_worker}: must be >= 1")
+        if self.num_cpus_local is not None and self.num_cpus_local < 1:
+            raise ValueError(f"cluster.local_cpus={self.num_cpus_local}: must be >= 1 or null")
+        if not self.autoscale_timeout_s > 0:
+            raise ValueError(f"cluster.autoscale_timeout_s={self.autoscale_timeout_s}: must be > 0")
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
         if self.placement_strategy not in strategies:
             raise ValueError(f"cluster.placement_strategy={self.placement_strategy!r}: expected "
@@ -62,14 +74,22 @@ def connect(config: ClusterConfig) -> None:
     """``ray.init`` unless already connected (so ``ray job submit`` and local runs share code).
 
     A local Ray started here listens on 127.0.0.1 only (Ray's single-machine mode, read when
-    Ray is first imported) and runs no dashboard.
+    Ray is first imported) and runs no dashboard. Then waits for the workers to fit, or fails
+    at once when they never can (``cluster.capacity``).
     """
     address = config.address or os.environ.get("RAY_ADDRESS") or None
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _init(config, address)
+    from cluster.capacity import wait_for_capacity
+    wait_for_capacity(config.num_workers, config.cpus_per_worker, config.gpus_per_worker,
+                      config.autoscale, config.autoscale_timeout_s)
+
+
+def _init(config: ClusterConfig, address: str | None) -> None:
+    import ray
     env_vars = {**WORKER_ENV, "OMP_NUM_THREADS": str(config.threads_per_worker)}
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)

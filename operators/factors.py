@@ -32,6 +32,12 @@ class DampingConfig:
     relative: float = 0.1
     absolute: float | None = None
 
+    def __post_init__(self) -> None:
+        if not self.relative >= 0:  # `not >=` also refuses NaN
+            raise ValueError(f"influence.damping={self.relative}: must be >= 0")
+        if self.absolute is not None and not self.absolute >= 0:
+            raise ValueError(f"influence.damping_absolute={self.absolute}: must be >= 0 or null")
+
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics, IHVPs and scores run in float32, or float64 for a float64 model (the tests).

@@ -27,9 +27,9 @@ class IBOLossConfig:
     gamma: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.beta <= 0:
+        if not self.beta > 0:
             raise ValueError(f"ibo.beta={self.beta}: must be > 0")
-        if self.gamma < 0:
+        if not self.gamma >= 0:
             raise ValueError(f"ibo.gamma={self.gamma}: must be >= 0")
 
 

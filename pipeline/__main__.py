@@ -7,12 +7,12 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import register
+from pipeline.config import conf_dir, register
 
 register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
     from pipeline.run import run_from_hydra
     code = run_from_hydra(cfg)

@@ -5,8 +5,12 @@ sees OmegaConf."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
+
+# model.max_length for the user's own model unless set (conf/model/hf.yaml says the same).
+USER_MAX_LENGTH = 512
 
 
 @dataclass
@@ -18,8 +22,9 @@ class ModelConf:
     dtype: str = "float32"
     # Never run code shipped with a model unless the user says so.
     trust_remote_code: bool = False
-    # Tokens per sequence; longer samples are truncated (and counted) or refused.
-    max_length: int = 128
+    # Tokens per sequence; longer samples are truncated (and counted) or refused. Empty: the
+    # demo's `demo.max_length` when the demo builds the data, else USER_MAX_LENGTH.
+    max_length: int | None = None
     truncate: bool = True
     # Include the prompt's tokens in the training loss (default: response only).
     train_on_prompt: bool = False
@@ -51,6 +56,8 @@ class DemoConf:
     heads: int = 4
     epochs: int = 20
     lr: float = 3e-3
+    # The demo model's context (model.max_length when that is empty and the demo runs).
+    max_length: int = 64
 
 
 @dataclass
@@ -121,6 +128,8 @@ class JudgeConf:
     label: str = "unsafe"
     threshold: float = 0.5
     max_new_tokens: int = 24
+    # true: these patterns are the demo's; they never judge the user's data.eval.
+    demo: bool = False
 
 
 @dataclass
@@ -139,6 +148,10 @@ class ClusterConf:
     max_failures: int = 2
     # PACK (default) or SPREAD (one worker per node where possible).
     placement_strategy: str = "PACK"
+    # An autoscaling cluster: wait (up to the timeout) for workers that do not fit yet, instead
+    # of failing at once.
+    autoscale: bool = False
+    autoscale_timeout_s: float = 900.0
 
 
 @dataclass
@@ -178,6 +191,16 @@ class LancetConf:
     seed: int = 0
 
 
+def conf_dir() -> Path:
+    """``conf/``: the checkout's, or the installed copy (package ``lancet_conf``, built from
+    the same folder by pyproject.toml) when LANCET runs from a wheel."""
+    checkout = Path(__file__).resolve().parents[1] / "conf"
+    if (checkout / "config.yaml").is_file():
+        return checkout
+    import lancet_conf
+    return Path(lancet_conf.__file__).resolve().parent
+
+
 def register() -> None:
     """Register the schema so every composed YAML is validated against it."""
     ConfigStore.instance().store(name="lancet_schema", node=LancetConf)
@@ -186,4 +209,21 @@ def register() -> None:
 def to_typed(cfg) -> LancetConf:
     """OmegaConf → dataclasses, once, at the entry point."""
     from omegaconf import OmegaConf
-    return OmegaConf.to_object(cfg)
+    return resolve_defaults(OmegaConf.to_object(cfg))
+
+
+def resolve_defaults(cfg: LancetConf) -> LancetConf:
+    """Settings that exist for the demo apply only when the demo builds the data: user paths
+    (``data.train``) get the user defaults, whether or not ``model=hf data=custom`` was given;
+    values the user set stay as set."""
+    demo = not cfg.data.train
+    if cfg.model.max_length is None:
+        cfg.model.max_length = cfg.demo.max_length if demo else USER_MAX_LENGTH
+    if demo and cfg.model.path:
+        raise ValueError(f"model.path={cfg.model.path}: data.train is empty (the demo builds its "
+                         "own model); give data.train and data.queries with your model")
+    if not demo and cfg.judge.demo and cfg.data.eval:
+        raise ValueError("judge: the demo's keyword judge only judges the demo; for data.eval "
+                         "give judge=keyword 'judge.patterns=[...]' or judge=classifier "
+                         "judge.path=...")
+    return cfg

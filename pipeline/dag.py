@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pipeline import records
 from pipeline.config import LancetConf
+from pipeline.content import content_fingerprints
 from pipeline.faults import write_fault
 from pipeline.records import DONE
 
@@ -35,6 +36,8 @@ class Stage:
     publish_as: str  # the name under output_dir
     artifacts: tuple[str, ...] = ()  # files/folders of the output logged to MLflow
     version: str = "1"
+    # {config key: path} of the files the stage reads; their contents join the fingerprint
+    reads: Callable[[LancetConf], dict[str, str]] | None = None
 
 
 @dataclass
@@ -58,6 +61,8 @@ def fingerprint(stage: Stage, cfg: LancetConf, upstream: dict[str, str]) -> str:
     payload = {"stage": stage.name, "version": stage.version,
                "config": {k: _pick(cfg, k) for k in stage.config_keys},
                "inputs": {k: upstream[k] for k in stage.inputs}}
+    if stage.reads is not None:  # an input edited in place must not reuse the old output
+        payload["content"] = content_fingerprints(stage.reads(cfg), cfg.cache_dir)
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

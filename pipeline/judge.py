@@ -30,6 +30,8 @@ class JudgeConfig:
                 except re.error as err:
                     raise ValueError(f"judge.patterns: {pattern!r} is not a valid regular "
                                      f"expression ({err})") from err
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"judge.threshold={self.threshold}: must be in [0, 1]")
         if self.kind == "classifier" and not self.path:
             raise ValueError("judge.path is empty: a classifier judge needs a model directory")
 

@@ -6,12 +6,14 @@ import json
 import logging
 import sys
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from cluster.dataio import DataError
 from cluster.model_io import ModelLoadError
+from cluster.runtime import connect
 from cluster.tracking import Tracker
 from operators.units import UnsupportedModelError
 from pipeline import specs
@@ -19,7 +21,7 @@ from pipeline.config import LancetConf, to_typed
 from pipeline.dag import run_dag, select_until
 from pipeline.faults import EXIT_CODE, write_fault
 from pipeline.records import CacheError
-from pipeline.stages.table import STAGES
+from pipeline.stages.table import CLUSTER_STAGES, STAGES
 from pipeline.summary import summary
 
 log = logging.getLogger("lancet")
@@ -39,7 +41,10 @@ def tracking_uri(cfg: LancetConf) -> str:
 def run_pipeline(cfg: LancetConf, resolved: dict) -> dict:
     """Validate, then run the DAG (up to ``pipeline.until``) inside an MLflow parent run."""
     specs.validate(cfg)
+    specs.check_inputs(cfg)
     stages = select_until(STAGES, cfg.pipeline.until)
+    if any(s.name in CLUSTER_STAGES for s in stages):
+        connect(specs.cluster(cfg))  # fails at once if the workers can never be placed
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     config_file = output / "config.yaml"
@@ -63,8 +68,8 @@ def run_from_hydra(cfg) -> int:
     """Entry used by ``python -m pipeline``; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="[lancet] %(message)s", force=True)
     try:
-        resolved = OmegaConf.to_container(cfg, resolve=True)
         typed = to_typed(cfg)
+        resolved = asdict(typed)  # what the run uses: demo-only defaults already resolved
         out = run_pipeline(typed, resolved)
     except (CacheError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,7 +15,7 @@ from operators.factors import DampingConfig
 from operators.ibo_loss import IBOLossConfig
 from operators.scores import InfluenceConfig
 from operators.selection import SelectionConfig
-from pipeline.config import LancetConf
+from pipeline.config import LancetConf, conf_dir
 from pipeline.records import VERIFY_MODES
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,8 @@ def cluster(cfg: LancetConf) -> ClusterConfig:
     return ClusterConfig(address=c.address, num_workers=c.num_workers,
                          cpus_per_worker=c.cpus_per_worker, gpus_per_worker=c.gpus_per_worker,
                          threads_per_worker=c.threads_per_worker, batch_size=c.batch_size,
-                         num_cpus_local=c.local_cpus, placement_strategy=c.placement_strategy)
+                         num_cpus_local=c.local_cpus, placement_strategy=c.placement_strategy,
+                         autoscale=c.autoscale, autoscale_timeout_s=c.autoscale_timeout_s)
 
 
 def factor_spec(cfg: LancetConf, model_path: str) -> FactorSpec:
@@ -69,11 +70,19 @@ def score_spec(cfg: LancetConf, model_path: str) -> ScoreSpec:
                      tokenize=tokenize(cfg), trust_remote_code=cfg.model.trust_remote_code)
 
 
+def deepspeed_path(cfg: LancetConf) -> Path:
+    """Relative paths are the project's; ``conf/…`` is also found in an installed LANCET."""
+    path = Path(cfg.ibo.deepspeed_config)
+    if path.is_absolute() or (PROJECT / path).is_file():
+        return path if path.is_absolute() else PROJECT / path
+    if path.parts[:1] == ("conf",):
+        return conf_dir().joinpath(*path.parts[1:])
+    return PROJECT / path
+
+
 def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
     b = cfg.ibo
-    ds_path = Path(b.deepspeed_config)
-    if not ds_path.is_absolute():
-        ds_path = PROJECT / ds_path
+    ds_path = deepspeed_path(cfg)
     lora = LoraSpec(enabled=b.lora.enabled, r=b.lora.r, alpha=b.lora.alpha, dropout=b.lora.dropout,
                     target_modules=tuple(b.lora.target_modules), save=b.lora.save)
     objective = ObjectiveConfig(method=b.method, loss=IBOLossConfig(beta=b.beta, gamma=b.gamma),
@@ -85,6 +94,31 @@ def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
                    reinit=b.reinit, trust_remote_code=cfg.model.trust_remote_code)
 
 
+def demo_model(cfg: LancetConf):
+    from pipeline.demo.model import TinyModelConfig
+    d = cfg.demo
+    return TinyModelConfig(width=d.width, layers=d.layers, heads=d.heads,
+                           context=cfg.model.max_length, epochs=d.epochs, lr=d.lr, seed=d.seed)
+
+
+def _check_ranges(cfg: LancetConf) -> None:
+    """The numeric keys no spec consumes (the others are checked by their spec)."""
+    if not 0 < cfg.demo.bad_rate <= 1:
+        raise ValueError(f"demo.bad_rate={cfg.demo.bad_rate}: must be in (0, 1]")
+    if cfg.judge.max_new_tokens < 1:
+        raise ValueError(f"judge.max_new_tokens={cfg.judge.max_new_tokens}: must be >= 1")
+    if cfg.cluster.max_failures < -1:
+        raise ValueError(f"cluster.max_failures={cfg.cluster.max_failures}: must be >= 0 "
+                         "(-1: retry forever)")
+
+
+def check_inputs(cfg: LancetConf) -> None:
+    """The files the config names, as far as a glance can tell (the rows are read by prepare)."""
+    if cfg.model.path:
+        from cluster.model_io import check_model_dir
+        check_model_dir(cfg.model.path)
+
+
 def validate(cfg: LancetConf) -> None:
     """Build every spec once at start-up so a bad value fails before any stage runs."""
     tokenize(cfg)
@@ -92,6 +126,8 @@ def validate(cfg: LancetConf) -> None:
     selection(cfg)
     cluster(cfg)
     ibo_spec(cfg, cfg.model.path or "model")
+    demo_model(cfg)
+    _check_ranges(cfg)
     from pipeline.judge import judge_config
     judge_config(cfg.judge)
     if cfg.data.format not in ("prompt_response", "hh_rlhf", "beavertails"):

@@ -8,7 +8,7 @@ import pytest
 from tiny_models import tiny_model
 
 from cluster.dataio import DataError, read_rows
-from cluster.model_io import ModelLoadError, load_model, load_tokenizer
+from cluster.model_io import ModelLoadError, check_model_dir, load_model, load_tokenizer
 from operators.units import UnsupportedModelError, discover_units
 
 GOOD = [{"id": "a", "prompt": "hi", "response": "hello"},
@@ -137,3 +137,25 @@ def test_too_long_sequences_are_truncated_and_counted_or_refused():
     assert enc.truncated and len(enc.input_ids) == 8
     with pytest.raises(SequenceTooLongError, match="exceed the context of 8"):
         encode(tok, "w w w", "w " * 20, 8, truncate=False)
+
+
+def test_jsonl_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + jsonl(tmp_path / "t.jsonl", GOOD).read_bytes())
+    assert [r["id"] for r in read_rows(str(path))] == ["a", "b"]
+
+
+def test_model_dir_without_tokenizer_files_is_refused(tmp_path):
+    from pipeline.demo.model import train_tokenizer
+    tiny_model("gpt2").save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match=f"model.path={tmp_path}: no tokenizer files "
+                                             r"\(missing tokenizer.json"):
+        check_model_dir(tmp_path)
+    with pytest.raises(ModelLoadError, match="empty vocabulary|cannot load the tokenizer"):
+        load_tokenizer(tmp_path)  # what transformers alone would hand every later stage
+    train_tokenizer(["a b c"]).save_pretrained(tmp_path)
+    check_model_dir(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="missing merges.txt"):
+        check_model_dir(tmp_path)

@@ -1,6 +1,7 @@
 """Bad input through `python -m pipeline`: exit code 2, the key or file named, earlier work kept."""
 
 import json
+import shutil
 
 import pytest
 from demo_assets import save_demo_model
@@ -36,6 +37,8 @@ def user_project(tmp_path_factory):
     ("ibo.method=dpo", "ibo.method='dpo'"),
     ("model.dtype=int8", "model.dtype='int8'"),
     ("pipeline.verify=sha", "pipeline.verify='sha': expected one of off, quick, full"),
+    ("influence.damping=-1.0", "influence.damping=-1.0: must be >= 0"),
+    ("ibo.beta=0", "ibo.beta=0.0: must be > 0"),
 ])
 def test_bad_config_value_names_the_key(override, message, tmp_path):
     proc = run_cli(*BASE, override, f"cache_dir={tmp_path}", f"output_dir={tmp_path / 'o'}",
@@ -76,3 +79,45 @@ def test_a_failing_stage_keeps_earlier_work_and_a_rerun_reuses_it(user_project, 
     assert not list((root / "cache" / "ibo").glob(".*tmp*"))  # nothing half-written
     run_cli(*args, "pipeline.until=select", f"output_dir={tmp_path / 'again'}")
     assert computed(tmp_path / "again") == set()
+
+
+def test_more_workers_than_the_cluster_can_place_fails_at_once(tmp_path):
+    proc = run_cli(*BASE, "cluster.num_workers=64", f"cache_dir={tmp_path}",
+                   f"output_dir={tmp_path / 'o'}", check=False, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cluster.num_workers=64 needs 64 workers x {CPU: 0.5}" in proc.stderr
+    assert "the cluster has {CPU: 2, GPU: 0} on 1 node(s)" in proc.stderr
+    assert not any(tmp_path.glob("prepare/*"))  # refused before any stage ran
+
+
+def test_model_folder_without_tokenizer_files_is_refused(user_project, tmp_path):
+    root, args = user_project
+    model = next(a for a in args if a.startswith("model.path=")).split("=", 1)[1]
+    bare = tmp_path / "bare"
+    shutil.copytree(model, bare, ignore=lambda d, names: [n for n in names if "token" in n
+                                                          or n in ("vocab.json", "merges.txt")])
+    proc = run_cli(*args, f"model.path={bare}", f"output_dir={tmp_path / 'o'}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"model.path={bare}: no tokenizer files (missing tokenizer.json" in proc.stderr
+
+
+def test_plain_user_paths_bom_jsonl_and_in_place_edits(user_project, tmp_path):
+    """No `model=hf data=custom`: user defaults, not the demo's; a JSONL with a byte-order mark
+    is read; a train file edited in place is prepared again, not reused."""
+    root, args = user_project
+    plain = [a for a in args if a not in ("model=hf", "data=custom", "model.max_length=64")
+             and not a.startswith(("data.eval=", "judge"))]
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(b"\xef\xbb\xbf" + (root / "train.jsonl").read_bytes())
+    run = (*plain, f"data.train={train}", "pipeline.until=prepare", f"cache_dir={tmp_path / 'c'}")
+    run_cli(*run, f"output_dir={tmp_path / 'a'}")
+    assert "max_length: 512" in (tmp_path / "a" / "config.yaml").read_text()
+    assert "label_column: ''" in (tmp_path / "a" / "config.yaml").read_text()
+    run_cli(*run, f"output_dir={tmp_path / 'b'}")
+    assert computed(tmp_path / "b") == set()  # unchanged: reused
+    lines = train.read_text(encoding="utf-8-sig").splitlines()
+    row = json.loads(lines[0])
+    row["response"] = row["response"][::-1]  # same size, new content
+    train.write_text("\n".join([json.dumps(row), *lines[1:]]) + "\n")
+    run_cli(*run, f"output_dir={tmp_path / 'c2'}")
+    assert computed(tmp_path / "c2") == {"prepare"}

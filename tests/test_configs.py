@@ -1,17 +1,19 @@
 """Every config option composes and converts into the typed schema (real Hydra)."""
 
+import re
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pipeline.config import LancetConf, register, to_typed
+from pipeline.config import USER_MAX_LENGTH, LancetConf, register, to_typed
 from pipeline.specs import validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir()
-          if g.is_dir() and g.name != "deepspeed"}
-REQUIRED = {"model=hf": ["model.path=/m"], "data=custom": ["data.train=t", "data.queries=q"],
+          if g.is_dir() and g.name != "deepspeed" and not g.name.startswith("_")}
+USER_DATA = ["data.train=t", "data.queries=q"]
+REQUIRED = {"model=hf": ["model.path=/m", *USER_DATA], "data=custom": USER_DATA,
             "judge=keyword": ["judge.patterns=[x]"], "judge=classifier": ["judge.path=/c"]}
 register()
 
@@ -65,3 +67,70 @@ def test_query_rank_reaches_the_influence_config():
     from pipeline.specs import influence
     assert influence(compose_typed(["influence.query_rank=32"])).query_rank == 32
     assert influence(compose_typed([])).query_rank is None
+
+
+# Every numeric key of pipeline/config.py, out of range: refused at start-up, naming the key.
+OUT_OF_RANGE = [
+    ("model.max_length=1", "model.max_length=1: must be >= 2"),
+    ("demo.bad_rate=0", "demo.bad_rate=0.0: must be in (0, 1]"),
+    ("demo.width=0", "demo.width=0: must be >= 1"),
+    ("demo.layers=0", "demo.layers=0: must be >= 1"),
+    ("demo.heads=0", "demo.heads=0: must be >= 1"),
+    ("demo.epochs=0", "demo.epochs=0: must be >= 1"),
+    ("demo.lr=0", "demo.lr=0.0: must be > 0"),
+    ("demo.max_length=1", "model.max_length=1: must be >= 2"),
+    ("influence.alpha=0", "influence.alpha=0.0: must be in (0, 1]"),
+    ("influence.max_fraction=1.5", "influence.max_fraction=1.5: must be in (0, 1)"),
+    ("influence.query_batch_size=0", "influence.query_batch_size=0: must be >= 1"),
+    ("influence.damping=-1.0", "influence.damping=-1.0: must be >= 0"),
+    ("influence.damping=nan", "influence.damping=nan: must be >= 0"),
+    ("influence.damping_absolute=-1e-3", "influence.damping_absolute=-0.001: must be >= 0"),
+    ("ibo.beta=0", "ibo.beta=0.0: must be > 0"),
+    ("ibo.gamma=-1", "ibo.gamma=-1.0: must be >= 0"),
+    ("ibo.steps=0", "ibo.steps=0: must be >= 1"),
+    ("ibo.lr=0", "ibo.lr=0.0: must be > 0"),
+    ("ibo.batch_size=0", "ibo.batch_size=0: must be >= 1"),
+    ("ibo.checkpoint_every=0", "ibo.checkpoint_every=0: must be >= 1"),
+    ("ibo.bregman_topk=0", "ibo.bregman_topk=0: must be >= 1"),
+    ("ibo.lora.r=0", "ibo.lora.r=0: must be >= 1"),
+    ("ibo.lora.alpha=0", "ibo.lora.alpha=0: must be > 0"),
+    ("ibo.lora.dropout=1.0", "ibo.lora.dropout=1.0: must be in [0, 1)"),
+    ("judge.threshold=1.5", "judge.threshold=1.5: must be in [0, 1]"),
+    ("judge.max_new_tokens=0", "judge.max_new_tokens=0: must be >= 1"),
+    ("cluster.num_workers=0", "cluster.num_workers=0: must be >= 1"),
+    ("cluster.cpus_per_worker=0", "cluster.cpus_per_worker=0.0: must be > 0"),
+    ("cluster.gpus_per_worker=-1", "cluster.gpus_per_worker=-1.0: must be >= 0"),
+    ("cluster.threads_per_worker=0", "cluster.threads_per_worker=0: must be >= 1"),
+    ("cluster.batch_size=0", "cluster.batch_size=0: must be >= 1"),
+    ("cluster.local_cpus=0", "cluster.local_cpus=0: must be >= 1"),
+    ("cluster.autoscale_timeout_s=0", "cluster.autoscale_timeout_s=0.0: must be > 0"),
+    ("cluster.max_failures=-2", "cluster.max_failures=-2: must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("override,message", OUT_OF_RANGE)
+def test_numeric_settings_out_of_range_name_the_key(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(compose_typed([override]))
+
+
+def test_user_paths_get_user_defaults_not_the_demos():
+    demo = compose_typed([])
+    assert demo.model.max_length == 64 and demo.data.label_column == ""
+    user = compose_typed(["model.path=/m", "data.train=t.jsonl", "data.queries=q.jsonl"])
+    assert user.model.max_length == USER_MAX_LENGTH == compose_typed(
+        ["model=hf", "model.path=/m", "data=custom", "data.train=t", "data.queries=q"]
+    ).model.max_length
+    assert user.data.label_column == ""
+    kept = compose_typed(["model.path=/m", "data.train=t", "data.queries=q", "model.max_length=32"])
+    assert kept.model.max_length == 32  # what the user sets stays set
+
+
+def test_demo_only_settings_refuse_to_judge_or_replace_user_inputs():
+    with pytest.raises(ValueError, match="judge: the demo's keyword judge only judges the demo"):
+        compose_typed(["model.path=/m", "data.train=t", "data.queries=q", "data.eval=e"])
+    ok = compose_typed(["model.path=/m", "data.train=t", "data.queries=q", "data.eval=e",
+                        "judge=keyword", "judge.patterns=[x]"])
+    assert ok.judge.patterns == ["x"]
+    with pytest.raises(ValueError, match="model.path=/m: data.train is empty"):
+        compose_typed(["model.path=/m"])

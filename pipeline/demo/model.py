@@ -28,6 +28,15 @@ class TinyModelConfig:
     lr: float = 3e-3
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for key in ("width", "layers", "heads", "epochs", "batch_size"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"demo.{key}={getattr(self, key)}: must be >= 1")
+        if self.width % self.heads:
+            raise ValueError(f"demo.width={self.width}: must be a multiple of demo.heads")
+        if not self.lr > 0:
+            raise ValueError(f"demo.lr={self.lr}: must be > 0")
+
 
 def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the given texts."""

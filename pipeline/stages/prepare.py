@@ -17,10 +17,11 @@ from cluster.dataio import DataError, iter_validated, read_rows, write_parquet_a
 from cluster.model_io import check_model_dir, load_model, load_tokenizer
 from operators.generation import greedy_generate
 from operators.sequences import SequenceTooLongError
+from pipeline import specs
 from pipeline.config import LancetConf
 from pipeline.dag import StageContext
 from pipeline.demo.corpus import build_corpus
-from pipeline.demo.model import TinyModelConfig, train_demo_model
+from pipeline.demo.model import train_demo_model
 from pipeline.judge import Judge, judge_config
 from pipeline.specs import tokenize
 
@@ -83,11 +84,8 @@ def _demo(cfg: LancetConf, out: Path, log) -> dict:
     corpus = build_corpus(seed=demo.seed, bad_rate=demo.bad_rate)
     log(f"demo corpus: {len(corpus.train)} samples, "
         f"{sum(r['planted'] for r in corpus.train)} planted")
-    model, tok = train_demo_model(
-        corpus.train, [e["prompt"] for e in corpus.eval_prompts],
-        TinyModelConfig(width=demo.width, layers=demo.layers, heads=demo.heads,
-                        context=cfg.model.max_length, epochs=demo.epochs, lr=demo.lr,
-                        seed=demo.seed))
+    model, tok = train_demo_model(corpus.train, [e["prompt"] for e in corpus.eval_prompts],
+                                  specs.demo_model(cfg))
     model_dir = out / "model"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline import specs
+from pipeline.config import LancetConf
 from pipeline.dag import Stage
 from pipeline.stages import correct, evaluate, influence, prepare, report, select
 
@@ -9,8 +11,26 @@ MODEL_KEYS = ("model", "demo", "data", "judge", "seed")
 INFLUENCE_KEYS = ("influence.method", "influence.fisher", "influence.damping",
                   "influence.damping_absolute", "influence.module_filter")
 
+
+def prepare_reads(cfg: LancetConf) -> dict[str, str]:
+    d = cfg.data
+    return {"data.train": d.train, "data.queries": d.queries, "data.eval": d.eval,
+            "data.clean_eval": d.clean_eval, "model.path": cfg.model.path}
+
+
+def ibo_reads(cfg: LancetConf) -> dict[str, str]:
+    return {"ibo.deepspeed_config": str(specs.deepspeed_path(cfg))}
+
+
+def evaluate_reads(cfg: LancetConf) -> dict[str, str]:
+    return {"judge.path": cfg.judge.path}  # a classifier judge's folder (empty: keyword judge)
+
+
+# The stages that run Ray workers: the cluster must be able to place them before any starts.
+CLUSTER_STAGES = ("fit_factors", "score", "ibo")
+
 STAGES = [
-    Stage("prepare", prepare.run, (), MODEL_KEYS, "data"),
+    Stage("prepare", prepare.run, (), MODEL_KEYS, "data", reads=prepare_reads),
     Stage("fit_factors", influence.run_fit, ("prepare",), INFLUENCE_KEYS, "factors"),
     Stage("score", influence.run_score, ("prepare", "fit_factors"),
           INFLUENCE_KEYS + ("influence.query_batch_size", "influence.aggregate",
@@ -18,10 +38,11 @@ STAGES = [
           version="2"),  # 2: ranked/ is a folder of streamed shards
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
-    Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed"), "ibo",
-          artifacts=("model",)),
+    # ibo.batch_size is rows per worker: the real batch is batch_size × num_workers
+    Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed", "cluster.num_workers"), "ibo",
+          artifacts=("model",), reads=ibo_reads),
     Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge",), "eval",
-          artifacts=("metrics.json",),
+          artifacts=("metrics.json",), reads=evaluate_reads,
           version="2"),  # 2: batched generation with a KV cache, on a Ray worker
     Stage("report", report.run, ("prepare", "select", "evaluate"), (), "report",
           artifacts=(".",)),
