@@ -29,6 +29,8 @@ class TokenizeConfig:
     template: str = "auto"
 
     def __post_init__(self) -> None:
+        if int(self.max_length) < 2:  # a prompt token and a response token at least
+            raise ValueError(f"model.max_length={self.max_length}: must be >= 2")
         if self.template not in TEMPLATES:
             raise ValueError(f"data.template={self.template!r}: expected one of {TEMPLATES}")
 
