@@ -70,6 +70,13 @@ def recall_table(model, tok, corpus, queries, batch_sizes=(1,)) -> list[dict]:
                 rows.append({"method": f"{method}" + (f"-{sim}" if method == "gradsim" else ""),
                              "B": b, "aggregate": how, **quality(aggregate(raw, how), labels),
                              "fit_s": fit_s, "score_s": score_s})
+    for rank in (32, 8):  # low-rank queries (influence.query_rank) against full rank
+        raw, fit_s, score_s = score(model, tok, corpus.train, queries,
+                                    InfluenceConfig(query_rank=rank))
+        for how in ("max", "mean"):
+            rows.append({"method": f"linfac-rank{rank}", "B": 1, "aggregate": how,
+                         **quality(aggregate(raw, how), labels), "fit_s": fit_s,
+                         "score_s": score_s})
     rnd = random.Random(0)
     rows.append({"method": "random", "B": "-", "aggregate": "-",
                  **quality(torch.tensor([rnd.random() for _ in labels]), labels),
