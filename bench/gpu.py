@@ -73,6 +73,8 @@ def measure(shape: dict, device: str, dtype: str, batch: int, tokens: int, queri
         rows.append((f"{method} lambda pass",
                      lambda u=units, e=eigens: lambda_pass(model, u, e, [data], "sampled"),
                      batch * tokens))
+    rows.append(("linfac covariance pass, eager attention", _eager_pass(model, data),
+                 batch * tokens))
     units = discover_units(model, "linfac")
     eigens = eigendecompose(covariance_pass(model, units, [data], "sampled"), units)
     lam = {n: torch.outer(e.s, e.a) for n, e in eigens.items()}
@@ -93,6 +95,20 @@ def measure(shape: dict, device: str, dtype: str, batch: int, tokens: int, queri
     for row in out:
         row["÷ fwd+bwd (per token)"] = row["tokens/s"] and (1 / row["tokens/s"]) / base
     return out
+
+
+def _eager_pass(model, data):
+    """The LinFAC covariance pass with eager attention (what ``lancet_sdpa`` replaces)."""
+    from operators.curvature import covariance_pass
+    from operators.units import discover_units
+
+    def step():
+        model.set_attn_implementation("eager")
+        try:
+            covariance_pass(model, discover_units(model, "linfac"), [data], "sampled")
+        finally:
+            model.set_attn_implementation("lancet_sdpa")
+    return step
 
 
 def render(rows: list[dict], header: str) -> str:
