@@ -137,7 +137,7 @@ def sample_labels(logits: Tensor, generator: torch.Generator | None = None,
         uniforms = torch.rand(rows, length, generator=generator, dtype=torch.float64)
     else:
         uniforms = torch.stack([torch.rand(length, dtype=torch.float64, generator=torch.Generator()
-                                           .manual_seed(int(seeds[b]))) for b in range(rows)])
+                                           .manual_seed(int(seed))) for seed in seeds.tolist()])
     uniforms = uniforms.to(logits.device)
     drawn = torch.stack([_inverse_cdf(logits[b, :-1], uniforms[b]) for b in range(rows)])
     return F.pad(drawn, (1, 0))
