@@ -212,13 +212,19 @@ def to_typed(cfg) -> LancetConf:
     return resolve_defaults(OmegaConf.to_object(cfg))
 
 
+def max_length_of(cfg: LancetConf) -> int:
+    """``model.max_length``, or the default ``resolve_defaults`` gives it (a bare LancetConf)."""
+    if cfg.model.max_length is not None:
+        return cfg.model.max_length
+    return cfg.demo.max_length if not cfg.data.train else USER_MAX_LENGTH
+
+
 def resolve_defaults(cfg: LancetConf) -> LancetConf:
     """Settings that exist for the demo apply only when the demo builds the data: user paths
     (``data.train``) get the user defaults, whether or not ``model=hf data=custom`` was given;
     values the user set stay as set."""
     demo = not cfg.data.train
-    if cfg.model.max_length is None:
-        cfg.model.max_length = cfg.demo.max_length if demo else USER_MAX_LENGTH
+    cfg.model.max_length = max_length_of(cfg)
     if demo and cfg.model.path:
         raise ValueError(f"model.path={cfg.model.path}: data.train is empty (the demo builds its "
                          "own model); give data.train and data.queries with your model")

@@ -15,14 +15,14 @@ from operators.factors import DampingConfig
 from operators.ibo_loss import IBOLossConfig
 from operators.scores import InfluenceConfig
 from operators.selection import SelectionConfig
-from pipeline.config import LancetConf, conf_dir
+from pipeline.config import LancetConf, conf_dir, max_length_of
 from pipeline.records import VERIFY_MODES
 
 PROJECT = Path(__file__).resolve().parents[1]
 
 
 def tokenize(cfg: LancetConf) -> TokenizeConfig:
-    return TokenizeConfig(max_length=cfg.model.max_length, truncate=cfg.model.truncate,
+    return TokenizeConfig(max_length=max_length_of(cfg), truncate=cfg.model.truncate,
                           train_on_prompt=cfg.model.train_on_prompt, seed=cfg.seed,
                           template=cfg.data.template)
 
@@ -98,7 +98,7 @@ def demo_model(cfg: LancetConf):
     from pipeline.demo.model import TinyModelConfig
     d = cfg.demo
     return TinyModelConfig(width=d.width, layers=d.layers, heads=d.heads,
-                           context=cfg.model.max_length, epochs=d.epochs, lr=d.lr, seed=d.seed)
+                           context=max_length_of(cfg), epochs=d.epochs, lr=d.lr, seed=d.seed)
 
 
 def _check_ranges(cfg: LancetConf) -> None:

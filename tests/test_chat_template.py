@@ -159,7 +159,6 @@ def test_template_values_are_checked_naming_the_key():
     from pipeline.config import LancetConf
     from pipeline.specs import validate
     cfg = LancetConf()
-    cfg.model.max_length = 64  # resolved by to_typed from the demo or user defaults
     cfg.data.template = "chatml"
     with pytest.raises(ValueError, match="data.template='chatml'"):
         validate(cfg)
