@@ -9,7 +9,7 @@ from cluster.batches import TokenizeConfig
 from cluster.dataio import write_parquet_atomic
 from cluster.datasets import read_prepared
 from cluster.ibo_job import IBOSpec, run_ibo
-from cluster.ibo_objectives import METHOD_DATASETS, ObjectiveConfig
+from cluster.ibo_objectives import ObjectiveConfig, get_objective
 from cluster.model_io import load_model, load_tokenizer
 from cluster.runtime import ClusterConfig
 from cluster.selection_io import write_selection
@@ -50,7 +50,7 @@ def correct(model_dir, root: Path, method: str, name: str, **kw) -> dict:
                    deepspeed_config=str(PROJECT / "conf/deepspeed/zero0.json"),
                    objective=ObjectiveConfig(method=method, tokenize=TOKENS), **kw)
     datasets = {n: read_prepared(root / "select" / f"{n}.parquet", CLUSTER)
-                for n in METHOD_DATASETS[method]}
+                for n in get_objective(method).datasets}
     metrics = run_ibo(datasets, spec, CLUSTER, root / name, root / "ray")
     (root / name / "metrics.json").write_text(json.dumps(metrics))
     return metrics

@@ -13,7 +13,7 @@ from cluster.batches import TokenizeConfig
 from cluster.datasets import read_prepared
 from cluster.factor_job import FactorSpec, fit_factors
 from cluster.ibo_job import IBOSpec, run_ibo
-from cluster.ibo_objectives import METHOD_DATASETS, ObjectiveConfig
+from cluster.ibo_objectives import ObjectiveConfig
 from cluster.model_io import load_model, load_tokenizer
 from cluster.runtime import ClusterConfig
 from cluster.scoring import ScoreSpec, finalize, precondition, score_corpus
@@ -62,7 +62,7 @@ def ibo_spec(model_dir, method="ibo", **kw):
 
 def run(root, spec, name):
     datasets = {n: read_prepared(root / "select" / f"{n}.parquet", CLUSTER)
-                for n in METHOD_DATASETS[spec.objective.method]}
+                for n in spec.objective.objective.datasets}
     return run_ibo(datasets, spec, CLUSTER, root / name, root / "ray")
 
 
