@@ -20,9 +20,9 @@ STAGES = [
           ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
     Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed"), "ibo",
           artifacts=("model",)),
-    Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge",), "eval",
+    Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge", "eval"), "eval",
           artifacts=("metrics.json",),
-          version="2"),  # 2: batched generation with a KV cache, on a Ray worker
+          version="3"),  # 3: over-refusal on clean prompts and relearning (issue #15)
     Stage("report", report.run, ("prepare", "select", "evaluate"), (), "report",
-          artifacts=(".",)),
+          artifacts=(".",), version="2"),  # 2: harmful vs clean and relearning plots
 ]
