@@ -19,7 +19,7 @@ def summary(cfg: LancetConf, out: dict) -> str:
                      f"(recall@k {_fmt(r.get('detect/recall_at_k'))})")
     for label, key in (("undesirable, seen", "behavior/undesirable_rate"),
                        ("undesirable, unseen", "behavior/undesirable_rate_unseen"),
-                       ("over-refusal (clean)", "behavior/overrefusal_rate"),
+                       ("refusals (clean)", "behavior/overrefusal_rate"),
                        ("perplexity (clean)", "utility/ppl"),
                        ("distinct-2", "utility/distinct2")):
         if f"{key}_before" in r:
