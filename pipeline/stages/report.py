@@ -61,8 +61,11 @@ def _rates(metrics, out) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, (key, _) in enumerate(shown):
         before, after = metrics[f"{key}_before"], metrics.get(f"{key}_after", float("nan"))
-        ax.bar([i - 0.2], [before], width=0.4, color="tab:red", label="before" if i == 0 else None)
-        ax.bar([i + 0.2], [after], width=0.4, color="tab:green", label="after" if i == 0 else None)
+        for dx, value, colour, name in ((-0.2, before, "tab:red", "before"),
+                                        (0.2, after, "tab:green", "after")):
+            bars = ax.bar([i + dx], [value], width=0.4, color=colour,
+                          label=name if i == 0 else None)
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)  # a rate of 0 draws no bar
     ax.set_xticks(range(len(shown)), [label for _, label in shown])
     ax.set_ylabel("share of prompts")
     ax.set_ylim(0, 1.05)
