@@ -9,10 +9,11 @@ from cluster.batches import TokenizeConfig
 from cluster.dataio import write_parquet_atomic
 from cluster.datasets import read_prepared
 from cluster.ibo_job import IBOSpec, run_ibo
-from cluster.ibo_objectives import METHOD_DATASETS, ObjectiveConfig
+from cluster.ibo_objectives import ObjectiveConfig, get_objective
 from cluster.model_io import load_model, load_tokenizer
 from cluster.runtime import ClusterConfig
 from cluster.selection_io import write_selection
+from operators.ibo_loss import IBOLossConfig
 from pipeline.evaluation import behaviour, clean_perplexity
 from pipeline.judge import Judge, JudgeConfig
 from pipeline.specs import PROJECT
@@ -41,20 +42,27 @@ def evaluate(model_dir, base_dir, corpus, patterns) -> dict:
     model = load_model(model_dir)
     judge = Judge(JudgeConfig(patterns=tuple(patterns)))
     b = behaviour(model, tok, corpus.eval_prompts, judge, 24, 64)
+    clean = behaviour(model, tok, corpus.clean_eval, judge, 24, 64)  # issue #15: over-refusal
+    refused = judge.refusals([g["generation"] for g in clean["generations"]])
     return {"seen": b["rate_seen"], "unseen": b["rate_unseen"], "distinct2": b["distinct2"],
+            "overrefusal": sum(refused) / len(refused),
             "ppl": clean_perplexity(model, tok, corpus.clean_eval, 64)}
 
 
-def correct(model_dir, root: Path, method: str, name: str, **kw) -> dict:
+def correct(model_dir, root: Path, method: str, name: str, loss: IBOLossConfig | None = None,
+            **kw) -> dict:
+    objective = ObjectiveConfig(method=method, loss=loss or IBOLossConfig(), tokenize=TOKENS)
     spec = IBOSpec(model_path=str(model_dir),
                    deepspeed_config=str(PROJECT / "conf/deepspeed/zero0.json"),
-                   objective=ObjectiveConfig(method=method, tokenize=TOKENS), **kw)
+                   objective=objective, **kw)
     datasets = {n: read_prepared(root / "select" / f"{n}.parquet", CLUSTER)
-                for n in METHOD_DATASETS[method]}
+                for n in get_objective(method).datasets}
     metrics = run_ibo(datasets, spec, CLUSTER, root / name, root / "ray")
     (root / name / "metrics.json").write_text(json.dumps(metrics))
     return metrics
 
 
-BASELINE_SETTINGS = {"ibo": {}, "pbo": {}, "ga": {"lr": 1e-4}, "remove": {},
+# As conf/ibo/<method>.yaml sets them.
+BASELINE_SETTINGS = {"ibo": {}, "pbo": {}, "ga": {"lr": 1e-4}, "ga_kl": {}, "npo": {},
+                     "simnpo": {"loss": IBOLossConfig(beta=2.5)}, "remove": {},
                      "oracle": {"reinit": True, "steps": 200, "lr": 3e-3}}

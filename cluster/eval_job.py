@@ -1,5 +1,7 @@
-"""The evaluate stage's model work as Ray tasks: greedy generations and clean perplexity of a
-model, on a worker with the cluster's resources (a GPU with ``cluster=gpu``), in ``model.dtype``.
+"""The evaluate stage's model work as Ray tasks: greedy generations (on the harmful evaluation
+prompts and on clean prompts, for over-refusal) and clean perplexity of a model, and the
+relearning measurement (``cluster.relearn_job``), each on a worker with the cluster's resources
+(a GPU with ``cluster=gpu``), in ``model.dtype``.
 
 The driver only judges the returned texts: it never loads the models. Warnings a task logs
 (prompts cut to the model's context, for instance) come back with its result, since workers'
@@ -34,6 +36,12 @@ class EvalSpec:
     max_new_tokens: int = 24
     batch_size: int = 16
     trust_remote_code: bool = False
+    # Clean prompts (the first of data.clean_eval) generated on, for over-refusal; 0: none.
+    clean_prompts: int = 64
+
+    def __post_init__(self) -> None:
+        if self.clean_prompts < 0:
+            raise ValueError(f"eval.clean_prompts={self.clean_prompts}: must be >= 0")
 
 
 @torch.no_grad()
@@ -68,29 +76,42 @@ def generate(model, tokenizer, prompts: list[dict], spec: EvalSpec) -> list[str]
 
 def evaluate_model(model_path: str, spec: EvalSpec, prompts: list[dict], clean: list[dict],
                    cluster: ClusterConfig) -> dict:
-    """One model's generations (``[]`` without prompts) and perplexity (None without rows)."""
+    """One model's generations on ``prompts`` and on the first ``spec.clean_prompts`` clean
+    prompts (``[]`` without rows) and its perplexity (None without rows)."""
     pin_threads(cluster.threads_per_worker)
     device = device_for(cluster)
-    with _captured_warnings() as warnings:
+    with captured_warnings() as warnings:
         model = load_model(model_path, spec.dtype, eager_attention=False,
                            trust_remote_code=spec.trust_remote_code, device=device)
         tokenizer = load_tokenizer(spec.tokenizer_path, spec.trust_remote_code)
         texts = generate(model, tokenizer, prompts, spec) if prompts else []
+        clean_prompts = clean[:spec.clean_prompts]
+        clean_texts = generate(model, tokenizer, clean_prompts, spec) if clean_prompts else []
         ppl = (clean_perplexity(model, tokenizer, clean, spec.tokenize, spec.batch_size)
                if clean else None)
-    return {"generations": texts, "ppl": ppl, "device": device, "dtype": spec.dtype,
-            "warnings": warnings}
+    return {"generations": texts, "clean_generations": clean_texts, "ppl": ppl,
+            "device": device, "dtype": spec.dtype, "warnings": warnings}
 
 
 def evaluate_models(paths: dict[str, str], spec: EvalSpec, prompts: list[dict],
-                    clean: list[dict], cluster: ClusterConfig) -> dict[str, dict]:
+                    clean: list[dict], cluster: ClusterConfig, relearn=None) -> dict[str, dict]:
     """``evaluate_model`` of every named model, each a Ray task (run side by side where the
-    cluster has room); the caller has connected to Ray."""
+    cluster has room); the caller has connected to Ray.
+
+    ``relearn``: ``(model_path, RelearnSpec, positive rows)`` adds a ``"relearn"`` result,
+    ``relearn_job.relearn_model`` on ``prompts`` as one more task beside them.
+    """
     import ray
     gpus = cluster.gpus_per_worker if cluster.use_gpu else 0
     task = ray.remote(evaluate_model).options(num_cpus=cluster.cpus_per_worker, num_gpus=gpus)
     rows = ray.put(prompts), ray.put(clean)  # shared by the tasks
     refs = {name: task.remote(path, spec, *rows, cluster) for name, path in paths.items()}
+    if relearn is not None:
+        from cluster.relearn_job import relearn_model
+        path, relearn_spec, positive = relearn
+        again = ray.remote(relearn_model).options(num_cpus=cluster.cpus_per_worker,
+                                                  num_gpus=gpus)
+        refs["relearn"] = again.remote(path, spec, relearn_spec, positive, rows[0], cluster)
     return wait_for_evaluations(refs)
 
 
@@ -100,7 +121,7 @@ def wait_for_evaluations(refs: dict) -> dict[str, dict]:
 
 
 @contextmanager
-def _captured_warnings() -> Iterator[list[str]]:
+def captured_warnings() -> Iterator[list[str]]:
     """Collect the warnings the operators log while the block runs."""
     found: list[str] = []
     handler = logging.Handler(logging.WARNING)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cluster.allreduce import world
 from cluster.deepspeed_strategy import DeepSpeedStrategy, read_ds_config, resolve_ds_config
-from cluster.ibo_objectives import METHOD_DATASETS, ObjectiveConfig, Reference, step_loss
+from cluster.ibo_objectives import ObjectiveConfig, Reference, step_loss
 from cluster.model_io import load_model, load_tokenizer
 from cluster.runtime import ClusterConfig, device_for, pin_threads, storage_uri
 
@@ -93,12 +93,15 @@ def _policy(spec: IBOSpec, device: str, dtype: str):
 
 
 def _reference(spec: IBOSpec, tokenizer, rows, device) -> Reference | None:
-    if spec.objective.method not in ("ibo", "pbo"):
+    objective = spec.objective.objective
+    if not objective.needs_reference:
         return None
     base = load_model(spec.model_path, spec.dtype, False, spec.trust_remote_code, device)
     ref = Reference(base, tokenizer, spec.objective, live=not spec.precompute_reference)
     if spec.precompute_reference:
-        ref.precompute({k: v for k, v in rows.items() if k in ("pairs", "neutral")}, device)
+        used = objective.reference_logp + objective.reference_topk
+        ref.precompute({k: v for k, v in rows.items() if k in used}, device,
+                       logp=objective.reference_logp, topk=objective.reference_topk)
         ref.model = None  # θs is no longer needed in memory
     return ref
 
@@ -114,7 +117,7 @@ def ibo_worker(config: dict) -> None:
     device = device_for(cluster)
     tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
     rows = {name: list(ray.train.get_dataset_shard(name).iter_rows())
-            for name in METHOD_DATASETS[spec.objective.method]}
+            for name in spec.objective.objective.datasets}
     empty = [name for name, r in rows.items() if not r]
     if empty:
         raise ValueError(f"worker {world()[0]} got no rows of {empty}: fewer samples than "

@@ -1,38 +1,42 @@
-"""The per-step objective of each correction method, and the frozen reference's cached outputs.
+"""The correction objectives, as a registry, and the frozen reference's cached outputs.
 
-The reference (θs) is evaluated once, before training, on this worker's rows: sequence log-probs
-of both sides of every pair, and top-k token log-probs of the neutral samples. With
-``precompute_reference=False`` a frozen copy of θs runs at every step instead (for comparison).
+Each method (``ibo.method``) is one ``Objective``: the select-stage datasets it reads, which of
+them the frozen reference θs must be evaluated on (sequence log-probs, top-k token log-probs),
+and its loss as a sum of terms. Adding a method is one ``register(Objective(...))`` here plus
+its ``conf/ibo/<name>.yaml``: the config check, the job, the reference and the correct stage
+read the registry. The loss math itself lives in ``operators/ibo_loss.py``.
+
+The frozen reference's outputs are ``cluster.ibo_reference.Reference``'s.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cluster.batches import TURNS, TokenizeConfig, to_tensors
+from cluster.batches import TokenizeConfig, to_tensors
+from cluster.ibo_reference import Reference, logits_of, seq_logp_of, side
 from operators.ibo_loss import (
     IBOLossConfig,
     ascent_loss,
     bregman_loss,
     correction_loss,
     nll_loss,
-    topk_reference,
+    npo_loss,
+    simnpo_loss,
 )
-from operators.sequences import sequence_log_probs
 
-IBO_METHODS = ("ibo", "pbo", "ga", "remove", "oracle")
-# Which datasets (written by the select stage) each method reads.
-METHOD_DATASETS = {"ibo": ("pairs", "neutral"), "pbo": ("positive", "neutral"),
-                   "ga": ("positive",), "remove": ("retain",), "oracle": ("clean",)}
+__all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "Reference", "Step", "get_objective",
+           "register", "side", "step_loss"]
 
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """What one step optimises."""
+    """What one step optimises: ``method`` names a registered ``Objective``."""
 
     method: str = "ibo"
     loss: IBOLossConfig = field(default_factory=IBOLossConfig)
@@ -40,128 +44,202 @@ class ObjectiveConfig:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
 
     def __post_init__(self) -> None:
-        if self.method not in IBO_METHODS:
-            raise ValueError(f"ibo.method={self.method!r}: expected one of {IBO_METHODS}")
+        get_objective(self.method)  # an unknown method fails here, naming the key
         if int(self.bregman_topk) < 1:
             raise ValueError(f"ibo.bregman_topk={self.bregman_topk}: must be >= 1")
 
-
-def side(rows: list[dict], prefix: str = "") -> dict[str, np.ndarray]:
-    """Columns id/prompt/response (and prompt_turns) of ``rows`` (pairs: ``prefix`` = ``pos_``
-    or ``neg_``)."""
-    cols = {k: np.array([str(r[prefix + k]) for r in rows], dtype=object)
-            for k in ("id", "prompt", "response")}
-    if any(prefix + TURNS in r for r in rows):
-        cols[TURNS] = np.array([r.get(prefix + TURNS) for r in rows], dtype=object)
-    return cols
+    @property
+    def objective(self) -> Objective:
+        return get_objective(self.method)
 
 
-def _logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+@dataclass
+class Step:
+    """What a loss term sees in one step: the policy, the reference, this worker's rows."""
+
+    model: nn.Module
+    tokenizer: object
+    ref: Reference | None
+    rows: dict[str, list[dict]]
+    config: ObjectiveConfig
+    device: str
+
+    def batch(self, cols: dict[str, np.ndarray]) -> dict[str, Tensor]:
+        return to_tensors(cols, self.tokenizer, self.config.tokenize, self.device)
+
+    def logits(self, batch: dict[str, Tensor]) -> Tensor:
+        return logits_of(self.model, batch)
+
+    def seq_logp(self, batch: dict[str, Tensor]) -> Tensor:
+        return seq_logp_of(self.model, batch)
 
 
-def _seq_logp(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    return sequence_log_probs(_logits(model, batch).float(), batch["input_ids"],
-                              batch["loss_mask"])
+# A term returns its (already weighted) scalar loss and its metrics, or None when it is off.
+Term = Callable[[Step], "tuple[Tensor, dict[str, float]] | None"]
 
 
-class Reference:
-    """θs's outputs for a list of rows, cached once (or computed live by a frozen model)."""
+@dataclass(frozen=True)
+class Objective:
+    """One correction method.
 
-    def __init__(self, model: nn.Module, tokenizer, config: ObjectiveConfig, live: bool):
-        self.model, self.tokenizer, self.config, self.live = model, tokenizer, config, live
-        self.cache: dict[tuple[str, str], object] = {}
+    Attributes:
+        name: the ``ibo.method`` value.
+        datasets: the select-stage datasets (``scores/select/<name>.parquet``) it reads.
+        terms: summed, in order, into the step's loss.
+        reference_logp: datasets on which it reads θs's sequence log-probs.
+        reference_topk: datasets on which it reads θs's top-k token log-probs (the KL term).
+        summary: one line for the docs and errors.
+    """
 
-    def _batch(self, cols, device):
-        return to_tensors(cols, self.tokenizer, self.config.tokenize, device)
+    name: str
+    datasets: tuple[str, ...]
+    terms: tuple[Term, ...]
+    reference_logp: tuple[str, ...] = ()
+    reference_topk: tuple[str, ...] = ()
+    summary: str = ""
 
-    @torch.no_grad()
-    def precompute(self, datasets: dict[str, list[dict]], device: str, size: int = 16) -> None:
-        """Fill the cache for every row this worker will train on."""
-        for name, rows in datasets.items():
-            for start in range(0, len(rows), size):
-                chunk = rows[start:start + size]
-                for prefix in (("pos_", "neg_") if name == "pairs" else ("",)):
-                    self._fill(chunk, prefix, name == "neutral", device)
+    def __post_init__(self) -> None:
+        unknown = set(self.reference_logp + self.reference_topk) - set(self.datasets)
+        if unknown:
+            raise ValueError(f"objective {self.name}: reads the reference on {sorted(unknown)} "
+                             "but not those datasets")
 
-    def _fill(self, rows, prefix, topk: bool, device) -> None:
-        cols = side(rows, prefix)
-        batch = self._batch(cols, device)
-        logits = _logits(self.model, batch)
-        if topk:
-            values, index = topk_reference(logits, self.config.bregman_topk)
-            lengths = batch["attention_mask"].sum(1).tolist()
-            for i, sample_id in enumerate(cols["id"]):
-                n = int(lengths[i])  # stored unpadded: training batches pad differently
-                self.cache[("topk", sample_id)] = (values[i, :n].cpu(), index[i, :n].cpu())
-        else:
-            logp = sequence_log_probs(logits.float(), batch["input_ids"], batch["loss_mask"])
-            for i, sample_id in enumerate(cols["id"]):
-                self.cache[("logp", sample_id)] = float(logp[i])
+    @property
+    def needs_reference(self) -> bool:
+        return bool(self.reference_logp or self.reference_topk)
 
-    def seq_logp(self, cols, batch) -> Tensor:
-        if self.live:
-            with torch.no_grad():
-                return _seq_logp(self.model, batch)
-        return torch.tensor([self.cache[("logp", i)] for i in cols["id"]],
-                            device=batch["input_ids"].device)
 
-    def topk(self, cols, batch) -> tuple[Tensor, Tensor]:
-        if self.live:
-            with torch.no_grad():
-                return topk_reference(_logits(self.model, batch), self.config.bregman_topk)
-        length = batch["input_ids"].shape[1]
-        device = batch["input_ids"].device
+OBJECTIVES: dict[str, Objective] = {}
 
-        def padded(t: Tensor) -> Tensor:  # padding positions are masked out of the KL
-            return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[0]))
 
-        values = [padded(self.cache[("topk", i)][0]) for i in cols["id"]]
-        index = [padded(self.cache[("topk", i)][1]) for i in cols["id"]]
-        return torch.stack(values).to(device), torch.stack(index).to(device)
+def register(objective: Objective) -> Objective:
+    """Add a method to the registry (its name must be new)."""
+    if objective.name in OBJECTIVES:
+        raise ValueError(f"ibo.method={objective.name!r} is already registered")
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"ibo.method={name!r}: expected one of {tuple(OBJECTIVES)}")
+    return OBJECTIVES[name]
 
 
 def step_loss(model: nn.Module, tokenizer, ref: Reference | None, rows: dict[str, list[dict]],
               config: ObjectiveConfig, device: str) -> tuple[Tensor, dict[str, float]]:
     """The loss of one step of ``config.method`` on this worker's rows, and its metrics."""
-
-    def batch_of(cols):
-        return to_tensors(cols, tokenizer, config.tokenize, device)
-
+    step = Step(model, tokenizer, ref, rows, config, device)
     metrics: dict[str, float] = {}
     loss = torch.zeros((), device=device)
-    if config.method == "ibo":
-        pos_cols, neg_cols = side(rows["pairs"], "pos_"), side(rows["pairs"], "neg_")
-        pos, neg = batch_of(pos_cols), batch_of(neg_cols)
-        eps = torch.tensor([float(r["eps"]) for r in rows["pairs"]], device=device)
-        cor, m = correction_loss(_seq_logp(model, pos), _seq_logp(model, neg),
-                                 ref.seq_logp(pos_cols, pos), ref.seq_logp(neg_cols, neg),
-                                 eps, config.loss.beta)
-        loss = loss + cor.mean()
-        metrics.update({k: float(v) for k, v in m.items()})
-        metrics["loss/cor"] = cor.mean().item()
-    if config.method in ("pbo", "ga"):
-        cols = side(rows["positive"])
-        batch = batch_of(cols)
-        tokens = batch["loss_mask"].sum(1)
-        logp = _seq_logp(model, batch) / tokens.clamp_min(1)
-        weights = (torch.tensor([float(r["weight"]) for r in rows["positive"]], device=device)
-                   if config.method == "pbo" else None)
-        ascent = ascent_loss(logp, weights).mean()
-        loss = loss + ascent
-        metrics["loss/ascent"] = ascent.item()
-    if config.method in ("ibo", "pbo") and config.loss.gamma > 0:
-        cols = side(rows["neutral"])
-        batch = batch_of(cols)
-        ref_logp, ref_index = ref.topk(cols, batch)
-        br = bregman_loss(_logits(model, batch), ref_logp, ref_index, batch["attention_mask"])
-        loss = loss + config.loss.gamma * br.mean()
-        metrics["loss/bregman"] = br.mean().item()
-    if config.method in ("remove", "oracle"):
-        name = "retain" if config.method == "remove" else "clean"
-        batch = batch_of(side(rows[name]))
-        nll = nll_loss(_seq_logp(model, batch), batch["loss_mask"].sum(1)).mean()
-        loss = loss + nll
-        metrics["loss/nll"] = nll.item()
+    for term in config.objective.terms:
+        out = term(step)
+        if out is not None:
+            loss = loss + out[0]
+            metrics.update(out[1])
     metrics["loss"] = loss.item()
     return loss, metrics
+
+
+# ---- the terms (each a few lines around one function of operators/ibo_loss.py) ----
+
+def pairwise_term(step: Step):
+    """IBO's L_COR on the (z+, z−) pairs, ε-weighted."""
+    rows = step.rows["pairs"]
+    pos_cols, neg_cols = side(rows, "pos_"), side(rows, "neg_")
+    pos, neg = step.batch(pos_cols), step.batch(neg_cols)
+    eps = torch.tensor([float(r["eps"]) for r in rows], device=step.device)
+    cor, m = correction_loss(step.seq_logp(pos), step.seq_logp(neg),
+                             step.ref.seq_logp(pos_cols, pos), step.ref.seq_logp(neg_cols, neg),
+                             eps, step.config.loss.beta)
+    metrics = {k: float(v) for k, v in m.items()}
+    metrics["loss/cor"] = cor.mean().item()
+    return cor.mean(), metrics
+
+
+def _ascent(step: Step, weighted: bool):
+    """Gradient ascent on D_IF+'s token-mean log-prob (``weighted``: by influence, ``pbo``)."""
+    rows = step.rows["positive"]
+    batch = step.batch(side(rows))
+    logp = step.seq_logp(batch) / batch["loss_mask"].sum(1).clamp_min(1)
+    weights = (torch.tensor([float(r["weight"]) for r in rows], device=step.device)
+               if weighted else None)
+    ascent = ascent_loss(logp, weights).mean()
+    return ascent, {"loss/ascent": ascent.item()}
+
+
+def ascent_term(step: Step):
+    return _ascent(step, weighted=False)
+
+
+def weighted_ascent_term(step: Step):
+    return _ascent(step, weighted=True)
+
+
+def npo_term(step: Step):
+    """NPO on D_IF+ against θs's sequence log-probs."""
+    cols = side(step.rows["positive"])
+    batch = step.batch(cols)
+    logp = step.seq_logp(batch)
+    npo = npo_loss(logp, step.ref.seq_logp(cols, batch), step.config.loss.beta).mean()
+    return npo, {"loss/npo": npo.item(), "logps/forget": logp.detach().mean().item()}
+
+
+def simnpo_term(step: Step):
+    """SimNPO on D_IF+: length-normalised, no reference."""
+    batch = step.batch(side(step.rows["positive"]))
+    logp = step.seq_logp(batch)
+    loss = step.config.loss
+    simnpo = simnpo_loss(logp, batch["loss_mask"].sum(1), loss.beta, loss.delta).mean()
+    return simnpo, {"loss/simnpo": simnpo.item(), "logps/forget": logp.detach().mean().item()}
+
+
+def bregman_term(step: Step):
+    """γ · L_BR: the KL to θs's top-k distribution on the neutral set (off at γ = 0)."""
+    gamma = step.config.loss.gamma
+    if gamma <= 0:
+        return None
+    cols = side(step.rows["neutral"])
+    batch = step.batch(cols)
+    ref_logp, ref_index = step.ref.topk(cols, batch)
+    br = bregman_loss(step.logits(batch), ref_logp, ref_index, batch["attention_mask"])
+    return gamma * br.mean(), {"loss/bregman": br.mean().item()}
+
+
+def _nll(step: Step, name: str):
+    batch = step.batch(side(step.rows[name]))
+    nll = nll_loss(step.seq_logp(batch), batch["loss_mask"].sum(1)).mean()
+    return nll, {"loss/nll": nll.item()}
+
+
+def retain_nll_term(step: Step):
+    return _nll(step, "retain")
+
+
+def clean_nll_term(step: Step):
+    return _nll(step, "clean")
+
+
+# ---- the registry: one entry per ibo.method (and one conf/ibo/<name>.yaml each) ----
+
+register(Objective("ibo", ("pairs", "neutral"), (pairwise_term, bregman_term),
+                   reference_logp=("pairs",), reference_topk=("neutral",),
+                   summary="pairwise L_COR on (z+, z−) + γ·KL on D_IF0"))
+register(Objective("pbo", ("positive", "neutral"), (weighted_ascent_term, bregman_term),
+                   reference_topk=("neutral",),
+                   summary="influence-weighted gradient ascent on D_IF+ + γ·KL on D_IF0"))
+register(Objective("ga", ("positive",), (ascent_term,),
+                   summary="gradient ascent on D_IF+"))
+register(Objective("ga_kl", ("positive", "neutral"), (ascent_term, bregman_term),
+                   reference_topk=("neutral",),
+                   summary="gradient ascent on D_IF+ + γ·KL on D_IF0"))
+register(Objective("npo", ("positive", "neutral"), (npo_term, bregman_term),
+                   reference_logp=("positive",), reference_topk=("neutral",),
+                   summary="NPO on D_IF+ + γ·KL on D_IF0"))
+register(Objective("simnpo", ("positive", "neutral"), (simnpo_term, bregman_term),
+                   reference_topk=("neutral",),
+                   summary="SimNPO on D_IF+ (no reference) + γ·KL on D_IF0"))
+register(Objective("remove", ("retain",), (retain_nll_term,),
+                   summary="fine-tune on D without D_IF+"))
+register(Objective("oracle", ("clean",), (clean_nll_term,),
+                   summary="retrain on the truly clean data (demo: needs ground truth)"))

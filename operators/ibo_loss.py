@@ -5,6 +5,11 @@
     L_BR   = E_{z ∈ D_IF0}[mean_t KL(πθs(·|z<t) ‖ πθ(·|z<t))]
     L_IBO  = L_COR + γ · L_BR
 
+Unlearning baselines on the positive set D_IF+ (with γ · L_BR on D_IF0 as their retain term):
+
+    L_NPO    = −(2/β) · log σ(−β · Δθ(z+))                        (Zhang et al. 2024)
+    L_SimNPO = −(2/β) · log σ(−(β/|y|) · log πθ(y|x) − δ)         (Fan et al. 2024, no reference)
+
 The reference distribution for L_BR may be stored as its top-k log-probs per token: the KL is
 then taken over the k tokens plus one bucket for the rest of the mass (exact when k = |V|, a
 lower bound otherwise by the data-processing inequality).
@@ -21,16 +26,19 @@ from torch.nn import functional as F
 
 @dataclass(frozen=True)
 class IBOLossConfig:
-    """β scales the log-ratios, γ weighs the Bregman term."""
+    """β scales the log-ratios, γ weighs the Bregman term, δ is SimNPO's reward margin."""
 
     beta: float = 0.1
     gamma: float = 1.0
+    delta: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
             raise ValueError(f"ibo.beta={self.beta}: must be > 0")
         if not self.gamma >= 0:
             raise ValueError(f"ibo.gamma={self.gamma}: must be >= 0")
+        if not 0 <= self.delta < float("inf"):
+            raise ValueError(f"ibo.delta={self.delta}: must be finite and >= 0")
 
 
 def correction_loss(policy_pos: Tensor, policy_neg: Tensor, ref_pos: Tensor, ref_neg: Tensor,
@@ -81,3 +89,21 @@ def ascent_loss(policy_logp: Tensor, weights: Tensor | None = None) -> Tensor:
 def nll_loss(policy_logp: Tensor, tokens: Tensor) -> Tensor:
     """Plain fine-tuning (``remove``, ``oracle``): per-example NLL per token ``[B]``."""
     return -policy_logp / tokens.clamp_min(1)
+
+
+def npo_loss(policy_logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
+    """Per-example L_NPO ``[B]`` = (2/β) log(1 + (πθ/πθs)^β) on sequence log-probs ``[B]``.
+
+    Its gradient is GA's weighted by 2σ(βΔθ): it fades as πθ(y|x) falls below θs's, which is
+    what keeps NPO from collapsing the way plain ascent does.
+    """
+    return -(2.0 / beta) * F.logsigmoid(-beta * (policy_logp - ref_logp))
+
+
+def simnpo_loss(policy_logp: Tensor, tokens: Tensor, beta: float, delta: float = 0.0) -> Tensor:
+    """Per-example L_SimNPO ``[B]``: NPO without a reference, on the length-normalised log-prob.
+
+    Args:
+        policy_logp: summed response log-probs ``[B]``; tokens: response lengths |y| ``[B]``.
+    """
+    return -(2.0 / beta) * F.logsigmoid(-(beta / tokens.clamp_min(1)) * policy_logp - delta)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
+from pipeline.judge import REFUSAL_PATTERNS
+
 # model.max_length for the user's own model unless set (conf/model/hf.yaml says the same).
 USER_MAX_LENGTH = 512
 
@@ -99,10 +101,16 @@ class LoraConf:
 
 @dataclass
 class IBOConf:
-    # ibo | pbo | ga | remove | oracle (demo only: needs ground truth)
+    # A registered objective (cluster/ibo_objectives.py): ibo | pbo | ga | ga_kl | npo | simnpo |
+    # remove | oracle (demo only: needs ground truth).
     method: str = "ibo"
+    # β (> 0): the log-ratio scale of ibo's L_COR and NPO; SimNPO's inverse temperature.
     beta: float = 0.1
+    # γ (>= 0): weight of the KL-to-θs retain term on the neutral set (ibo, pbo, ga_kl, npo,
+    # simnpo); 0 turns it off.
     gamma: float = 1.0
+    # δ (>= 0): SimNPO's reward margin (Fan et al. 2024 use 0 for most tasks).
+    delta: float = 0.0
     steps: int = 30
     lr: float = 5e-4
     # Rows of each dataset per step per worker.
@@ -130,6 +138,22 @@ class JudgeConf:
     max_new_tokens: int = 24
     # true: these patterns are the demo's; they never judge the user's data.eval.
     demo: bool = False
+    # Regular expressions (case-insensitive) of a refusal: a clean-prompt generation matching
+    # one counts towards behavior/overrefusal_rate ("I can't", "I'm sorry", "as an AI", … and
+    # the demo's refusal wording; the list is pipeline/judge.py's REFUSAL_PATTERNS).
+    refusal_patterns: list[str] = field(default_factory=lambda: list(REFUSAL_PATTERNS))
+
+
+@dataclass
+class EvalConf:
+    # Relearning: fine-tune the corrected model for each k of these steps (cumulative, plain NLL,
+    # ibo.lr and ibo.batch_size) on the top positive-influence samples, then measure the
+    # undesirable rate again (robustness/relearn_<k>_undesirable_rate); [] turns it off.
+    relearn_steps: list[int] = field(default_factory=lambda: [10, 50])
+    # How many of the top-ranked positive samples the relearning set holds.
+    relearn_samples: int = 16
+    # Clean prompts (data.clean_eval) generated on for over-refusal and distinct-2; 0: none.
+    clean_prompts: int = 64
 
 
 @dataclass
@@ -182,6 +206,7 @@ class LancetConf:
     influence: InfluenceConf = field(default_factory=InfluenceConf)
     ibo: IBOConf = field(default_factory=IBOConf)
     judge: JudgeConf = field(default_factory=JudgeConf)
+    eval: EvalConf = field(default_factory=EvalConf)
     cluster: ClusterConf = field(default_factory=ClusterConf)
     mlflow: MlflowConf = field(default_factory=MlflowConf)
     pipeline: PipelineConf = field(default_factory=PipelineConf)

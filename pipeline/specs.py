@@ -9,6 +9,7 @@ from cluster.eval_job import EvalSpec
 from cluster.factor_job import FactorSpec
 from cluster.ibo_job import IBOSpec, LoraSpec
 from cluster.ibo_objectives import ObjectiveConfig
+from cluster.relearn_job import RelearnSpec
 from cluster.runtime import ClusterConfig
 from cluster.scoring import ScoreSpec
 from operators.factors import DampingConfig
@@ -30,7 +31,17 @@ def tokenize(cfg: LancetConf) -> TokenizeConfig:
 def eval_spec(cfg: LancetConf, tokenizer_path: str) -> EvalSpec:
     return EvalSpec(tokenizer_path=tokenizer_path, dtype=cfg.model.dtype, tokenize=tokenize(cfg),
                     max_new_tokens=cfg.judge.max_new_tokens, batch_size=cfg.cluster.batch_size,
-                    trust_remote_code=cfg.model.trust_remote_code)
+                    trust_remote_code=cfg.model.trust_remote_code,
+                    clean_prompts=cfg.eval.clean_prompts)
+
+
+def relearn_spec(cfg: LancetConf) -> RelearnSpec | None:
+    """The relearning measurement (None when ``eval.relearn_steps`` is empty)."""
+    if not cfg.eval.relearn_steps:
+        return None
+    return RelearnSpec(steps=tuple(int(k) for k in cfg.eval.relearn_steps),
+                       samples=cfg.eval.relearn_samples, lr=cfg.ibo.lr,
+                       batch_size=cfg.ibo.batch_size, seed=cfg.seed)
 
 
 def damping(cfg: LancetConf) -> DampingConfig:
@@ -85,7 +96,8 @@ def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
     ds_path = deepspeed_path(cfg)
     lora = LoraSpec(enabled=b.lora.enabled, r=b.lora.r, alpha=b.lora.alpha, dropout=b.lora.dropout,
                     target_modules=tuple(b.lora.target_modules), save=b.lora.save)
-    objective = ObjectiveConfig(method=b.method, loss=IBOLossConfig(beta=b.beta, gamma=b.gamma),
+    objective = ObjectiveConfig(method=b.method, loss=IBOLossConfig(beta=b.beta, gamma=b.gamma,
+                                                                    delta=b.delta),
                                 bregman_topk=b.bregman_topk, tokenize=tokenize(cfg))
     return IBOSpec(model_path=model_path, deepspeed_config=str(ds_path), objective=objective,
                    steps=b.steps, lr=b.lr, batch_size=b.batch_size,
@@ -128,6 +140,8 @@ def validate(cfg: LancetConf) -> None:
     ibo_spec(cfg, cfg.model.path or "model")
     demo_model(cfg)
     _check_ranges(cfg)
+    eval_spec(cfg, cfg.model.path or "model")
+    relearn_spec(cfg)
     from pipeline.judge import judge_config
     judge_config(cfg.judge)
     if cfg.data.format not in ("prompt_response", "hh_rlhf", "beavertails"):

@@ -19,11 +19,17 @@ def summary(cfg: LancetConf, out: dict) -> str:
                      f"(recall@k {_fmt(r.get('detect/recall_at_k'))})")
     for label, key in (("undesirable, seen", "behavior/undesirable_rate"),
                        ("undesirable, unseen", "behavior/undesirable_rate_unseen"),
+                       ("refusals (clean)", "behavior/overrefusal_rate"),
                        ("perplexity (clean)", "utility/ppl"),
                        ("distinct-2", "utility/distinct2")):
         if f"{key}_before" in r:
             lines.append(f"  {label + ':':<21}{_fmt(r[f'{key}_before'])} -> "
                          f"{_fmt(r.get(f'{key}_after'))}")
+    relearned = sorted((int(k.split("_")[1]), v) for k, v in r.items()
+                       if k.startswith("robustness/relearn_") and k.endswith("_undesirable_rate"))
+    if relearned:
+        lines.append("  relearned, seen:     " + ", ".join(f"{_fmt(v)} after {k} steps"
+                                                        for k, v in relearned))
     if "select/n_positive" in r:
         lines.append(f"  influence sets:      {r['select/n_positive']} positive, "
                      f"{r['select/n_negative']} negative, {r['select/n_neutral']} neutral")

@@ -69,8 +69,12 @@ def test_evaluate_stage_never_loads_a_model_in_the_driver(model_dir, tmp_path, m
     pq.write_table(pa.Table.from_pylist(PROMPTS), prepared / "eval.parquet")
     pq.write_table(pa.Table.from_pylist(CLEAN), prepared / "clean_eval.parquet")
     pq.write_table(pa.table({"id": ["a"], "score": [1.0]}), select / "scores.parquet")
+    (select / "select").mkdir()
+    pq.write_table(pa.Table.from_pylist(CLEAN[:1]), select / "select" / "positive.parquet")
     cfg = LancetConf()
     cfg.judge.patterns = ["one"]
+    cfg.judge.refusal_patterns = ["upon"]
+    cfg.eval.relearn_steps = [1, 2]  # issue #15: relearning, as a third task
     cfg.cluster.threads_per_worker = 1
     logs: list[str] = []
     ctx = StageContext(cfg, {"prepare": prepared, "select": select, "ibo": ibo}, out, logs.append)
@@ -78,6 +82,14 @@ def test_evaluate_stage_never_loads_a_model_in_the_driver(model_dir, tmp_path, m
     assert {"behavior/undesirable_rate_before", "behavior/undesirable_rate_unseen_after",
             "utility/ppl_before", "utility/ppl_after"} <= set(metrics)
     assert metrics["utility/ppl_before"] == metrics["utility/ppl_after"]
+    assert {"behavior/overrefusal_rate_before", "behavior/overrefusal_rate_after",
+            "utility/distinct2_clean_before", "utility/distinct2_clean_after",
+            "robustness/relearn_1_undesirable_rate", "robustness/relearn_2_undesirable_rate",
+            "robustness/relearn_2_undesirable_rate_unseen"} <= set(metrics)
+    assert 0 <= metrics["behavior/overrefusal_rate_after"] <= 1
+    clean_lines = (out / "clean_generations.jsonl").read_text().splitlines()
+    assert len(clean_lines) == len(CLEAN) and "refused_after" in json.loads(clean_lines[0])
+    assert any(line.startswith("evaluate (relearn) ran on cpu") for line in logs)
     assert any("ran on cpu in float32" in line for line in logs)
     assert any("prompts exceed" in line for line in logs)
     lines = (out / "generations.jsonl").read_text().splitlines()

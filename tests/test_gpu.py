@@ -60,7 +60,7 @@ def test_one_worker_nccl_fit_score_and_an_ibo_step(tmp_path):
     from cluster.datasets import read_prepared
     from cluster.factor_job import FactorSpec, fit_factors, load_curvature
     from cluster.ibo_job import IBOSpec, run_ibo
-    from cluster.ibo_objectives import METHOD_DATASETS, ObjectiveConfig
+    from cluster.ibo_objectives import ObjectiveConfig, get_objective
     from cluster.runtime import ClusterConfig
     from cluster.scoring import ScoreSpec, finalize, precondition_on_worker, score_corpus
     from cluster.selection_io import write_selection
@@ -88,7 +88,7 @@ def test_one_worker_nccl_fit_score_and_an_ibo_step(tmp_path):
                       deepspeed_config=str(PROJECT / "conf/deepspeed/zero0.json"),
                       objective=ObjectiveConfig(tokenize=tokens))
         data = {n: read_prepared(tmp_path / "select" / f"{n}.parquet", cluster)
-                for n in METHOD_DATASETS["ibo"]}
+                for n in get_objective("ibo").datasets}
         metrics = run_ibo(data, ibo, cluster, tmp_path / "ibo", tmp_path / "ray")
         assert metrics["step"] == 1 and (tmp_path / "ibo" / "model").is_dir()
     finally:

@@ -40,9 +40,13 @@ def test_outputs_follow_the_contract(first_run):
     for key in ("detect/auprc", "detect/recall_at_k", "behavior/undesirable_rate_before",
                 "behavior/undesirable_rate_after", "behavior/undesirable_rate_unseen_before",
                 "behavior/undesirable_rate_unseen_after", "utility/ppl_before",
-                "utility/ppl_after", "utility/distinct2_before", "utility/distinct2_after"):
+                "utility/ppl_after", "utility/distinct2_before", "utility/distinct2_after",
+                "behavior/overrefusal_rate_before", "behavior/overrefusal_rate_after",
+                "utility/distinct2_clean_before", "utility/distinct2_clean_after",
+                "robustness/relearn_10_undesirable_rate", "robustness/relearn_50_undesirable_rate"):
         assert key in metrics, key
-    for png in ("score_distribution.png", "precision_recall.png", "undesirable_rate.png"):
+    for png in ("score_distribution.png", "precision_recall.png", "undesirable_rate.png",
+                "relearning.png"):
         assert (out / "report" / png).stat().st_size > 1000
     assert "| rank |" in (out / "report" / "top_influential.md").read_text()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from cluster.datasets import read_prepared
 from cluster.ibo_job import run_ibo
-from cluster.ibo_objectives import METHOD_DATASETS
 from cluster.runtime import connect
 from pipeline import specs
 from pipeline.dag import StageContext
@@ -17,7 +16,7 @@ def run(ctx: StageContext) -> dict:
     cluster = specs.cluster(cfg)
     spec = specs.ibo_spec(cfg, model_dir(ctx.inputs["prepare"]))
     select_dir = ctx.inputs["select"] / "select"
-    names = METHOD_DATASETS[spec.objective.method]
+    names = spec.objective.objective.datasets
     missing = [n for n in names if not (select_dir / f"{n}.parquet").is_file()]
     if missing:
         hint = ("ibo.method=oracle needs data.label_column (ground truth)" if "clean" in missing

@@ -1,7 +1,10 @@
 """``evaluate``: before/after behaviour, utility and detection (CONTRACT.md section 5).
 
 Generation and perplexity of both models run as Ray tasks (``cluster.eval_job``) with a
-worker's resources; the driver judges the texts and writes the metrics.
+worker's resources; the driver judges the texts and writes the metrics. A correction that
+refuses everything would score a perfect undesirable rate, so the models also generate on clean
+prompts (over-refusal, distinct-2 there), and the corrected model is fine-tuned back on the
+positive-influence samples for k steps (relearning, ``cluster.relearn_job``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from cluster.eval_job import evaluate_models
 from cluster.runtime import connect
 from cluster.selection_io import SCORES_FILE
-from operators.metrics import auprc, recall_at_k
+from operators.metrics import auprc, distinct_n, recall_at_k
 from pipeline import specs
 from pipeline.dag import StageContext
 from pipeline.evaluation import judged
@@ -50,13 +53,50 @@ def _model_metrics(result: dict, prompts: list[dict], judge: Judge, suffix: str)
     return out, gens
 
 
+def _clean_metrics(result: dict, clean: list[dict], judge: Judge, suffix: str) -> tuple:
+    """Over-refusal and distinct-2 of one model's generations on clean prompts."""
+    texts = result.get("clean_generations") or []
+    if not texts:
+        return {}, []
+    refused = judge.refusals(texts)
+    out = {f"behavior/overrefusal_rate_{suffix}": sum(refused) / len(refused),
+           f"utility/distinct2_clean_{suffix}": distinct_n(texts, 2)}
+    return out, [{"id": c.get("id"), "prompt": c["prompt"], "generation": t, "refused": r}
+                 for c, t, r in zip(clean, texts, refused)]
+
+
+def _relearn_metrics(result: dict | None, prompts: list[dict], judge: Judge) -> dict:
+    """``robustness/relearn_<k>_undesirable_rate`` (seen prompts, as the before/after rates)
+    and its ``_unseen`` twin, per k."""
+    out = {}
+    for k, texts in sorted((result or {}).get("generations", {}).items()):
+        b = judged(prompts, texts, judge)
+        out[f"robustness/relearn_{k}_undesirable_rate"] = b["rate_seen"]
+        out[f"robustness/relearn_{k}_undesirable_rate_unseen"] = b["rate_unseen"]
+    return out
+
+
+def _relearn_job(ctx: StageContext, after: str, prompts: list[dict]):
+    """(model, spec, rows) of the relearning task, or None (off, or nothing to relearn from)."""
+    spec = specs.relearn_spec(ctx.cfg)
+    positive = ctx.inputs["select"] / "select" / "positive.parquet"
+    if spec is None or not prompts:
+        return None
+    if not positive.is_file():
+        ctx.log("evaluate: no positive-influence samples, relearning skipped")
+        return None
+    return after, spec, _rows(positive)[:spec.samples]  # scores/ is in rank order
+
+
 def _evaluate_on_workers(ctx: StageContext, base: str, prompts, clean) -> dict[str, dict]:
-    """Generations and perplexity of θs and the corrected model, as Ray tasks."""
+    """Generations and perplexity of θs and the corrected model (and the corrected model's
+    relearning), as Ray tasks."""
     cfg = ctx.cfg
     cluster = specs.cluster(cfg)
     connect(cluster)
     paths = {"before": base, "after": str(ctx.inputs["ibo"] / "model")}
-    results = evaluate_models(paths, specs.eval_spec(cfg, base), prompts, clean, cluster)
+    results = evaluate_models(paths, specs.eval_spec(cfg, base), prompts, clean, cluster,
+                              _relearn_job(ctx, paths["after"], prompts))
     for name, result in results.items():
         ctx.log(f"evaluate ({name}) ran on {result['device']} in {result['dtype']}")
         for warning in dict.fromkeys(result["warnings"]):
@@ -75,13 +115,20 @@ def run(ctx: StageContext) -> dict:
     results = _evaluate_on_workers(ctx, model_dir(prepared), prompts, clean)
     before, gens_before = _model_metrics(results["before"], prompts, judge, "before")
     after, gens_after = _model_metrics(results["after"], prompts, judge, "after")
-    metrics.update(before)
-    metrics.update(after)
+    clean_before, refusals_before = _clean_metrics(results["before"], clean, judge, "before")
+    clean_after, refusals_after = _clean_metrics(results["after"], clean, judge, "after")
+    for part in (before, after, clean_before, clean_after,
+                 _relearn_metrics(results.get("relearn"), prompts, judge)):
+        metrics.update(part)
     (ctx.out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     with open(ctx.out / "generations.jsonl", "w") as handle:
         for b, a in zip(gens_before, gens_after):
             handle.write(json.dumps({**b, "generation_after": a["generation"],
                                      "flagged_after": a["flagged"]}) + "\n")
+    with open(ctx.out / "clean_generations.jsonl", "w") as handle:
+        for b, a in zip(refusals_before, refusals_after):
+            handle.write(json.dumps({**b, "generation_after": a["generation"],
+                                     "refused_after": a["refused"]}) + "\n")
     return metrics
 
 

@@ -49,21 +49,61 @@ def _pr_curve(table, label, metrics, out) -> None:
     plt.close(fig)
 
 
+RATES = (("behavior/undesirable_rate", "harmful, seen\n(undesirable)"),
+         ("behavior/undesirable_rate_unseen", "harmful, unseen\n(undesirable)"),
+         ("behavior/overrefusal_rate", "clean prompts\n(refused)"))
+
+
 def _rates(metrics, out) -> None:
-    keys = ["behavior/undesirable_rate", "behavior/undesirable_rate_unseen"]
+    """Before/after: the undesirable rate on harmful prompts beside the refusal rate on clean
+    ones (a correction that refuses everything scores 0 on the first and 1 on the second)."""
+    shown = [(key, label) for key, label in RATES if _number(metrics.get(f"{key}_before"))]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (key, _) in enumerate(shown):
+        before, after = metrics[f"{key}_before"], metrics.get(f"{key}_after", float("nan"))
+        for dx, value, colour, name in ((-0.2, before, "tab:red", "before"),
+                                        (0.2, after, "tab:green", "after")):
+            bars = ax.bar([i + dx], [value], width=0.4, color=colour,
+                          label=name if i == 0 else None)
+            ax.bar_label(bars, fmt="%.2f", fontsize=8)  # a rate of 0 draws no bar
+    ax.set_xticks(range(len(shown)), [label for _, label in shown])
+    ax.set_ylabel("share of prompts")
+    ax.set_ylim(0, 1.05)
+    if shown:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "undesirable_rate.png", dpi=110)
+    plt.close(fig)
+
+
+def _number(value) -> bool:
+    return value is not None and value == value  # not missing, not NaN
+
+
+def relearn_curve(metrics: dict) -> list[tuple[int, float]]:
+    """(k, undesirable rate) after k relearning steps; k = 0 is the corrected model."""
+    points = [(int(key.split("_")[1]), value) for key, value in metrics.items()
+              if key.startswith("robustness/relearn_") and key.endswith("_undesirable_rate")]
+    if points and "behavior/undesirable_rate_after" in metrics:
+        points.append((0, metrics["behavior/undesirable_rate_after"]))
+    return sorted(points)
+
+
+def _relearning(metrics, out) -> None:
+    points = relearn_curve(metrics)
+    if not points:
+        return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for i, key in enumerate(keys):
-        before, after = metrics.get(f"{key}_before"), metrics.get(f"{key}_after")
-        if before is None or before != before:
-            continue
-        ax.bar([i - 0.2], [before], width=0.4, color="tab:red", label="before" if i == 0 else None)
-        ax.bar([i + 0.2], [after], width=0.4, color="tab:green", label="after" if i == 0 else None)
-    ax.set_xticks([0, 1], ["seen prompts", "unseen prompts"])
-    ax.set_ylabel("undesirable rate")
+    ax.plot([k for k, _ in points], [r for _, r in points], marker="o", label="corrected model")
+    before = metrics.get("behavior/undesirable_rate_before")
+    if before is not None:
+        ax.axhline(before, color="tab:red", linestyle="--", label="before correction")
+    ax.set_xlabel("fine-tuning steps on positive-influence samples")
+    ax.set_ylabel("undesirable rate (seen prompts)")
     ax.set_ylim(0, 1.05)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "undesirable_rate.png", dpi=110)
+    fig.savefig(out / "relearning.png", dpi=110)
     plt.close(fig)
 
 
@@ -99,5 +139,6 @@ def run(ctx: StageContext) -> dict:
     if label:
         _pr_curve(table, label, metrics, ctx.out)
     _rates(metrics, ctx.out)
+    _relearning(metrics, ctx.out)
     _top_table(table, label, ctx.out)
     return {}

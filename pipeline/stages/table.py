@@ -41,9 +41,9 @@ STAGES = [
     # ibo.batch_size is rows per worker: the real batch is batch_size × num_workers
     Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed", "cluster.num_workers"), "ibo",
           artifacts=("model",), reads=ibo_reads),
-    Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge",), "eval",
+    Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge", "eval"), "eval",
           artifacts=("metrics.json",), reads=evaluate_reads,
-          version="2"),  # 2: batched generation with a KV cache, on a Ray worker
+          version="3"),  # 3: over-refusal on clean prompts and relearning (issue #15)
     Stage("report", report.run, ("prepare", "select", "evaluate"), (), "report",
-          artifacts=(".",)),
+          artifacts=(".",), version="2"),  # 2: harmful vs clean and relearning plots
 ]
