@@ -175,7 +175,10 @@ class LancetConf:
 
 
 def register() -> None:
-    """Register the schema so every composed YAML is validated against it."""
+    """Register the schema so every composed YAML is validated against it (and the resolvers
+    the YAML uses)."""
+    from pipeline.locations import register_resolvers
+    register_resolvers()
     ConfigStore.instance().store(name="lancet_schema", node=LancetConf)
 
 

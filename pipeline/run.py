@@ -36,6 +36,8 @@ def run_pipeline(cfg: LancetConf, resolved: dict) -> dict:
     stages = select_until(STAGES, cfg.pipeline.until)
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    log.info(f"output_dir: {output.resolve()}")
+    log.info(f"cache_dir:  {Path(cfg.cache_dir).resolve()}")
     config_file = output / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     tracker = Tracker(tracking_uri(cfg), cfg.mlflow.experiment, cfg.mlflow.enabled)
