@@ -32,6 +32,8 @@ class Stage:
     publish_as: str  # the name under output_dir
     artifacts: tuple[str, ...] = ()  # files/folders of the output logged to MLflow
     version: str = "1"
+    curves: tuple[str, ...] = ()  # per-step metric files (JSON lines with ``step``) of the output
+    model: str = ""  # a Hugging Face model folder of the output, logged as an MLflow model
 
 
 @dataclass
@@ -42,6 +44,9 @@ class StageContext:
     inputs: dict[str, Path]
     out: Path
     log: Callable[[str], None]
+    # Kept when the stage fails or is killed, removed once it succeeded: a stage that can
+    # resume part-way (score, by shard) keeps its finished parts here.
+    work: Path | None = None
 
 
 def _pick(cfg: LancetConf, dotted: str):
@@ -116,11 +121,12 @@ def run_stage(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], fp: str, c
     if (final / DONE).is_file():
         return final, json.loads((final / DONE).read_text())["metrics"], True
     tmp = cache / stage.name / f".{fp}.tmp-{os.getpid()}"
+    work = cache / stage.name / f"{fp}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     began = time.perf_counter()
     try:
-        metrics = stage.run(StageContext(cfg, inputs, tmp, log)) or {}
+        metrics = stage.run(StageContext(cfg, inputs, tmp, log, work)) or {}
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -131,6 +137,7 @@ def run_stage(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], fp: str, c
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(final)
+    shutil.rmtree(work, ignore_errors=True)
     return final, metrics, False
 
 
@@ -149,11 +156,32 @@ def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], 
             path, metrics, cached = run_stage(stage, cfg, {k: paths[k] for k in stage.inputs},
                                               fp, cache, log)
             tracker.metrics(metrics)
-            for rel in stage.artifacts:
-                tracker.artifacts(path / rel, stage.publish_as)
+            _log_outputs(tracker, stage, path, fp, log)
         paths[stage.name], prints[stage.name] = path, fp
         _publish(path, output_dir, stage.publish_as)
         results[stage.name] = {**metrics, "cached": cached}
         log(f"stage {stage.name} reused from cache" if cached else
             f"stage {stage.name} done ({metrics.get(f'time/{stage.name}_s', 0):.1f} s)")
     return results
+
+
+def _log_outputs(tracker, stage: Stage, path: Path, fp: str, log: Callable[[str], None]) -> None:
+    """Curves every time; artifacts and the model once per fingerprint and experiment."""
+    for rel in stage.curves:
+        tracker.curve(path / rel)
+    if not (stage.artifacts or stage.model):
+        return
+    first = tracker.logged_before(stage.name, fp)
+    if first:  # reused from the cache: the artifacts are already in that run
+        tracker.tag("lancet.artifacts_run", first)
+        return
+    for rel in stage.artifacts:
+        tracker.artifacts(path / rel, stage.publish_as)
+    if stage.model:
+        try:
+            tracker.model(path / stage.model, f"{tracker.experiment}-{stage.name}")
+        except Exception as err:  # e.g. a LoRA adapter alone: keep its files instead
+            log(f"stage {stage.name}: cannot log {stage.model} as an MLflow model ({err}); "
+                "logging its files")
+            tracker.artifacts(path / stage.model, f"{stage.publish_as}/{stage.model}")
+    tracker.tag("lancet.artifacts", "logged")

@@ -15,11 +15,11 @@ STAGES = [
     Stage("score", influence.run_score, ("prepare", "fit_factors"),
           INFLUENCE_KEYS + ("influence.query_batch_size", "influence.aggregate",
                             "influence.similarity", "influence.query_rank"), "influence",
-          version="2"),  # 2: ranked/ is a folder of streamed shards
+          version="3"),  # 3: scored by fixed row-range shards (resumable)
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
     Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed"), "ibo",
-          artifacts=("model",)),
+          curves=("curve.jsonl",), model="model"),
     Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge",), "eval",
           artifacts=("metrics.json",),
           version="2"),  # 2: batched generation with a KV cache, on a Ray worker
