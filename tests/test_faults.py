@@ -190,6 +190,8 @@ def test_a_driver_killed_mid_scoring_resumes_by_shard(tmp_path, tiny_pipeline):
     resumed = stages(tmp_path / "resumed")["score"]
     assert resumed["score/shards_reused"] == len(kept)
     assert resumed["score/shards_scored"] == total - len(kept)
+    print(f"resume by shard: {len(kept)} of {total} shards reused, "
+          f"{resumed['score/shards_scored']} scored")
     assert not list(cache.glob("score/*.partial")), "the work folder outlived the stage"
     calm_cache = tmp_path / "calm_cache"  # a fresh cache holding only the inputs of score
     for name in ("prepare", "fit_factors"):
