@@ -23,7 +23,7 @@ from cluster.allreduce import allreduce_sum, world
 from cluster.batches import TokenizeConfig, to_tensors
 from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
-from cluster.runtime import ClusterConfig, device_for, pin_threads, storage_uri
+from cluster.runtime import ClusterConfig, device_for, pin_threads, remove_run_storage, storage_uri
 from operators.curvature import NONFINITE, Curvature, covariance_pass, lambda_pass
 from operators.factors import DampingConfig, Eigen, eigendecompose, stat_dtype
 from operators.units import Unit, discover_units
@@ -183,20 +183,22 @@ def fit_factors(dataset, spec: FactorSpec, cluster: ClusterConfig, out_dir: Path
     """
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    name = f"fit_factors_{int(time.time() * 1000)}"
     trainer = TorchTrainer(
         factor_worker,
         train_loop_config={"spec": spec, "cluster": cluster, "progress": progress},
         scaling_config=cluster.scaling(),
         torch_config=TorchConfig(backend=cluster.backend),
         datasets={"train": dataset},
-        run_config=RunConfig(name=f"fit_factors_{int(time.time() * 1000)}",
-                             storage_path=storage_uri(storage),
+        run_config=RunConfig(name=name, storage_path=storage_uri(storage),
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as ckpt:
-        _install(Path(ckpt), out_dir)
-        return json.loads((Path(ckpt) / "metrics.json").read_text())
+    try:
+        with trainer.fit().checkpoint.as_directory() as ckpt:
+            _install(Path(ckpt), out_dir)
+            return json.loads((Path(ckpt) / "metrics.json").read_text())
+    finally:  # the factors are installed under out_dir: no second copy on storage
+        remove_run_storage(storage, name)
 
 
 def _install(src: Path, out_dir: Path) -> None:

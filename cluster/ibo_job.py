@@ -22,9 +22,10 @@ from cluster.allreduce import world
 from cluster.deepspeed_strategy import DeepSpeedStrategy, read_ds_config, resolve_ds_config
 from cluster.ibo_objectives import ObjectiveConfig, Reference, step_loss
 from cluster.model_io import load_model, load_tokenizer
-from cluster.runtime import ClusterConfig, device_for, pin_threads, storage_uri
+from cluster.runtime import ClusterConfig, device_for, pin_threads, remove_run_storage, storage_uri
 
 MODEL_DIR = "model"
+CURVE = "curve.jsonl"  # one line of metrics per step (``step`` included), rank 0's
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class IBOSpec:
     lr: float = 5e-4
     batch_size: int = 8
     checkpoint_every: int = 10
+    keep_checkpoints: int = 2  # Ray Train keeps the latest N; the run's folder goes at the end
     precompute_reference: bool = True
     dtype: str = "float32"
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -67,7 +69,7 @@ class IBOSpec:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "checkpoint_every"):
+        for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"ibo.{key}={getattr(self, key)}: must be >= 1")
         if not self.lr > 0:
@@ -128,7 +130,7 @@ def ibo_worker(config: dict) -> None:
     # DeepSpeed's bf16 mode casts a float32 model itself and keeps float32 master weights
     bf16 = ds_config.get("bf16", {}).get("enabled") is True
     engine = strategy.setup(_policy(spec, device, "float32" if bf16 else spec.dtype))
-    start = _resume(strategy)
+    start, curve = _resume(strategy)
     times = []
     for step in range(start, spec.steps):
         began = time.perf_counter()
@@ -136,22 +138,28 @@ def ibo_worker(config: dict) -> None:
         loss, metrics = step_loss(engine, tokenizer, ref, batch, spec.objective, device)
         strategy.step(loss)
         times.append(time.perf_counter() - began)
+        curve.append({**metrics, "step": step + 1, "step_seconds": times[-1]})
         if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
             metrics.update(step=step + 1, resumed_from=start,
                            step_seconds=sum(times) / len(times))
-            _checkpoint(strategy, spec, tokenizer, step + 1, metrics)
+            _checkpoint(strategy, spec, tokenizer, step + 1, metrics, curve)
 
 
-def _resume(strategy: DeepSpeedStrategy) -> int:
+def _resume(strategy: DeepSpeedStrategy) -> tuple[int, list[dict]]:
+    """The steps already done and their per-step metrics (from the latest checkpoint)."""
     import ray.train
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, []
     with checkpoint.as_directory() as directory:
-        return strategy.load(Path(directory) / "ds")
+        start = strategy.load(Path(directory) / "ds")
+        curve = Path(directory) / CURVE
+        lines = curve.read_text().splitlines() if curve.is_file() else []
+        return start, [json.loads(line) for line in lines][:start]
 
 
-def _checkpoint(strategy, spec: IBOSpec, tokenizer, step: int, metrics: dict) -> None:
+def _checkpoint(strategy, spec: IBOSpec, tokenizer, step: int, metrics: dict,
+                curve: list[dict]) -> None:
     import ray.train
     rank, _ = world()
     final = step == spec.steps
@@ -162,6 +170,7 @@ def _checkpoint(strategy, spec: IBOSpec, tokenizer, step: int, metrics: dict) ->
             _save_model(strategy.engine.module, state, spec, tokenizer, Path(tmp) / MODEL_DIR)
         if rank == 0:
             (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+            (Path(tmp) / CURVE).write_text("".join(json.dumps(m) + "\n" for m in curve))
         # One name for every rank's part, so Ray Train merges them into one checkpoint.
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
@@ -180,24 +189,38 @@ def _save_model(module, state, spec: IBOSpec, tokenizer, out: Path) -> None:
 
 def run_ibo(datasets: dict, spec: IBOSpec, cluster: ClusterConfig, out_dir: Path,
             storage: str | Path, max_failures: int = 2) -> dict:
-    """Run the correction job; install the model under ``out_dir/model``; return its metrics."""
-    from ray.train import FailureConfig, RunConfig
+    """Run the correction job; install the model (and its per-step ``curve.jsonl``) under
+    ``out_dir``; return its metrics. The job's checkpoints are deleted once it ended."""
     from ray.train.torch import TorchConfig, TorchTrainer
+    config = run_config(spec, storage, max_failures)
     trainer = TorchTrainer(
         ibo_worker, train_loop_config={"spec": spec, "cluster": cluster,
                                        "ds_config": read_ds_config(spec.deepspeed_config)},
         scaling_config=cluster.scaling(),
         torch_config=TorchConfig(backend=cluster.backend),
-        datasets=datasets,
-        run_config=RunConfig(name=f"ibo_{int(time.time() * 1000)}",
-                             storage_path=storage_uri(storage),
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as ckpt:
+        datasets=datasets, run_config=config)
+    try:
+        metrics = _install(trainer.fit().checkpoint, out_dir)
+    finally:
+        removed = remove_run_storage(storage, config.name)
+    return {**metrics, "checkpoint_mb_removed": removed / 2**20}
+
+
+def run_config(spec: IBOSpec, storage: str | Path, max_failures: int):
+    """Ray Train's RunConfig: a fresh run folder, the latest ``keep_checkpoints`` kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    return RunConfig(name=f"ibo_{int(time.time() * 1000)}", storage_path=storage_uri(storage),
+                     failure_config=FailureConfig(max_failures=max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=spec.keep_checkpoints))
+
+
+def _install(checkpoint, out_dir: Path) -> dict:
+    """Copy the final checkpoint's model and curve under ``out_dir``; its metrics."""
+    with checkpoint.as_directory() as ckpt:
         tmp = out_dir / f".{MODEL_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(Path(ckpt) / MODEL_DIR, tmp)
         shutil.rmtree(out_dir / MODEL_DIR, ignore_errors=True)
         tmp.replace(out_dir / MODEL_DIR)
+        shutil.copyfile(Path(ckpt) / CURVE, out_dir / CURVE)
         return json.loads((Path(ckpt) / "metrics.json").read_text())

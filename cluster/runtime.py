@@ -122,3 +122,17 @@ def pin_threads(threads: int) -> None:
 
 def device_for(config: ClusterConfig) -> str:
     return "cuda" if config.use_gpu and torch.cuda.is_available() else "cpu"
+
+
+def remove_run_storage(storage: str | Path, name: str) -> int:
+    """Delete a finished Ray Train run's folder (its checkpoints) from ``storage``; returns the
+    bytes it held (0 where unknown or already gone). Its result was installed elsewhere."""
+    import pyarrow.fs as pafs
+    fs, base = pafs.FileSystem.from_uri(storage_uri(storage))
+    folder = f"{base.rstrip('/')}/{name}"
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+        fs.delete_dir(folder)
+    except (FileNotFoundError, OSError):
+        return 0
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)

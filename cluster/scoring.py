@@ -10,6 +10,9 @@
 3. ``finalize``: streams the raw shards (column scales; ids and scores; the rows) and writes
    ranked shards, one row per training id with ``score`` and ``rank``; memory holds one record
    batch and the (id, score, rank) of each row needed to rank, never the corpus's text.
+
+The score stage runs step 2 by fixed row ranges (``cluster.score_shards``), so that a killed
+stage resumes with the ranges it finished; ``score_corpus`` streams a whole dataset at once.
 """
 
 from __future__ import annotations

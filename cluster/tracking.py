@@ -2,7 +2,10 @@
 
 Runs are always ended (``finally``), with status FAILED when a stage raised, so a failed sweep
 job does not leave an active run that poisons the next one. Config values whose key looks like a
-secret are never logged as parameters.
+secret are never logged as parameters. A sweep's jobs are nested under one run tagged with the
+sweep's folder. With a SQLite store the experiment's artifacts go next to the database (not
+``./mlruns`` in the current folder). A stage's artifacts are uploaded once per fingerprint: a
+stage reused from the cache points at the run that holds them (``lancet.artifacts_run``).
 
 The tracking store failing (a full disk under its SQLite file, a server gone) must not take the
 run's results with it: the first failure is kept in ``failure``, logged once, and the tracker
@@ -12,14 +15,17 @@ cache before their metrics are logged.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 SECRET = re.compile(r"(pass(word)?|secret|token|api[_-]?key|credential|private)", re.IGNORECASE)
 MAX_PARAM = 500  # MLflow's limit on a parameter value's length
+BATCH = 1000  # metrics per log_batch call (MLflow's limit)
 log = logging.getLogger("lancet")
 
 
@@ -37,18 +43,35 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a SQLite store; else the server's."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
+def _quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 class Tracker:
     """Thin wrapper over ``mlflow``; a disabled (or failed) tracker does nothing."""
 
     def __init__(self, tracking_uri: str, experiment: str, enabled: bool = True) -> None:
         self.enabled = enabled
         self.uri = tracking_uri
+        self.experiment = experiment
         self.failure: str | None = None  # the first error of the tracking store
         if enabled:
             import mlflow
             self.mlflow = mlflow
-            self._call(mlflow.set_tracking_uri, tracking_uri)
-            self._call(mlflow.set_experiment, experiment)
+            self.experiment_id = self._call(self._open, tracking_uri, experiment)
+
+    def _open(self, tracking_uri: str, experiment: str) -> str:
+        self.mlflow.set_tracking_uri(tracking_uri)
+        if self.mlflow.get_experiment_by_name(experiment) is None:
+            self.mlflow.create_experiment(experiment, artifact_location(tracking_uri))
+        return self.mlflow.set_experiment(experiment).experiment_id
 
     def _call(self, fn, *args, **kwargs):
         """``fn(*args)`` unless the store already failed; a failure disables the tracker."""
@@ -71,8 +94,14 @@ class Tracker:
                 self.enabled, self.failure = False, store_cause(err)
 
     @contextmanager
-    def parent(self, name: str, params: dict, config_file: Path | None) -> Iterator[str | None]:
-        run = self._call(self.mlflow.start_run, run_name=name) if self.enabled else None
+    def parent(self, name: str, params: dict, config_file: Path | None,
+               sweep: str = "") -> Iterator[str | None]:
+        """The invocation's run; in a sweep, nested under the sweep's run."""
+        run = None
+        if self.enabled:
+            parent = self._call(self._sweep_run, sweep)
+            run = self._call(self.mlflow.start_run, run_name=name, parent_run_id=parent,
+                             tags={"lancet.sweep": sweep} if sweep else None)
         if run is None:
             yield None
             return
@@ -85,6 +114,24 @@ class Tracker:
             status = "FINISHED"
         finally:
             self._end(status)
+
+    def _sweep_run(self, sweep: str) -> str | None:
+        """The run grouping a sweep's jobs (found by its tag, else created, already ended)."""
+        if not sweep:
+            return None
+        found = self._search(f"tags.`lancet.sweep_root` = {_quoted(sweep)}")
+        if found:
+            return found
+        client = self.mlflow.MlflowClient()
+        run = client.create_run(self.experiment_id, run_name=f"sweep {Path(sweep).name}",
+                                tags={"lancet.sweep_root": sweep})
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    def _search(self, where: str) -> str | None:
+        runs = self.mlflow.search_runs([self.experiment_id], filter_string=where,
+                                       max_results=1, output_format="list")
+        return runs[0].info.run_id if runs else None
 
     @contextmanager
     def stage(self, name: str, cached: bool, fingerprint: str) -> Iterator[None]:
@@ -109,6 +156,32 @@ class Tracker:
         if clean and self.enabled:
             self._call(self.mlflow.log_metrics, clean)
 
+    def curve(self, path: Path) -> None:
+        """Per-step metrics (a JSON line per step, with ``step``) as MLflow metric histories."""
+        if self.enabled and path.is_file():
+            self._call(self._curve, path)
+
+    def _curve(self, path: Path) -> None:
+        from mlflow.entities import Metric
+        stamp = int(time.time() * 1000)
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        points = [Metric(k, float(v), stamp, int(row["step"])) for row in rows
+                  for k, v in row.items() if k != "step" and isinstance(v, (int, float))]
+        run_id = self.mlflow.active_run().info.run_id
+        for start in range(0, len(points), BATCH):
+            self.mlflow.MlflowClient().log_batch(run_id, metrics=points[start:start + BATCH])
+
+    def logged_before(self, stage: str, fingerprint: str) -> str | None:
+        """The run of this experiment that already holds this stage output's artifacts."""
+        if not self.enabled:
+            return None
+        return self._call(self._search, f"tags.`lancet.fingerprint` = {_quoted(fingerprint)} "
+                          f"and tags.`lancet.stage` = {_quoted(stage)} and "
+                          "tags.`lancet.artifacts` = 'logged'")
+
+    def tag(self, key: str, value: str) -> None:
+        self.tags({key: value})
+
     def tags(self, values: dict[str, str]) -> None:
         if self.enabled:
             self._call(self.mlflow.set_tags, values)
@@ -120,6 +193,22 @@ class Tracker:
             self._call(self.mlflow.log_artifacts, str(path), artifact_path)
         else:
             self._call(self.mlflow.log_artifact, str(path), artifact_path)
+
+    def model(self, path: Path, registered_name: str) -> None:
+        """A Hugging Face causal-LM directory as an MLflow ``transformers`` model (a
+        text-generation pipeline), registered as ``registered_name``. Raises when the folder
+        is no such model (the caller logs its files instead); a store error disables the
+        tracker like any other."""
+        if not self.enabled or not path.is_dir():
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        parts = {"model": AutoModelForCausalLM.from_pretrained(path),
+                 "tokenizer": AutoTokenizer.from_pretrained(path)}
+        # explicit requirements: inferring them imports every package the model might use
+        self._call(self.mlflow.transformers.log_model,
+                   transformers_model=parts, name=path.name, task="text-generation",
+                   registered_model_name=registered_name,
+                   pip_requirements=["torch", "transformers"])
 
 
 def store_cause(err: BaseException) -> str:

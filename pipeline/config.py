@@ -165,11 +165,17 @@ class ClusterConf:
     gpus_per_worker: float = 0.0
     threads_per_worker: int = 1
     batch_size: int = 16
+    # Rows per score shard: a killed or failed score stage keeps its finished shards (under
+    # cache_dir/score/<fingerprint>.partial/) and the rerun scores only the rest.
+    score_shard_rows: int = 1024
     # Ray Train's storage (shared storage on a multi-node cluster); empty: under cache_dir.
     storage_path: str = ""
     # CPUs of a local Ray started by the run; null: all of the machine's.
     local_cpus: int | None = None
     max_failures: int = 2
+    # Ray Train checkpoints of a running job kept on storage (the latest N; a restarted worker
+    # group resumes from the last); a finished job's run folder is deleted.
+    keep_checkpoints: int = 2
     # PACK (default) or SPREAD (one worker per node where possible).
     placement_strategy: str = "PACK"
     # An autoscaling cluster: wait (up to the timeout) for workers that do not fit yet, instead
@@ -227,7 +233,10 @@ def conf_dir() -> Path:
 
 
 def register() -> None:
-    """Register the schema so every composed YAML is validated against it."""
+    """Register the schema so every composed YAML is validated against it (and the resolvers
+    the YAML uses)."""
+    from pipeline.locations import register_resolvers
+    register_resolvers()
     ConfigStore.instance().store(name="lancet_schema", node=LancetConf)
 
 

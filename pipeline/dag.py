@@ -38,6 +38,8 @@ class Stage:
     version: str = "1"
     # {config key: path} of the files the stage reads; their contents join the fingerprint
     reads: Callable[[LancetConf], dict[str, str]] | None = None
+    curves: tuple[str, ...] = ()  # per-step metric files (JSON lines with ``step``) of the output
+    model: str = ""  # a Hugging Face model folder of the output, logged as an MLflow model
 
 
 @dataclass
@@ -48,6 +50,9 @@ class StageContext:
     inputs: dict[str, Path]
     out: Path
     log: Callable[[str], None]
+    # Kept when the stage fails or is killed, removed once it succeeded: a stage that can
+    # resume part-way (score, by shard) keeps its finished parts here.
+    work: Path | None = None
 
 
 def _pick(cfg: LancetConf, dotted: str):
@@ -130,13 +135,18 @@ def run_stage(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], fp: str, c
 
 def _compute(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], final: Path,
              log: Callable[[str], None], verify: str) -> dict:
-    """Run ``stage`` in a temporary folder, record its files last, rename it to ``final``."""
+    """Run ``stage`` in a temporary folder, record its files last, rename it to ``final``.
+
+    ``<fingerprint>.partial`` is the stage's work folder: kept when the stage fails or is
+    killed (scoring resumes from its shards), removed once the stage succeeded.
+    """
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    work = final.parent / f"{final.name}.partial"
     began = time.perf_counter()
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        metrics = stage.run(StageContext(cfg, inputs, tmp, log)) or {}
+        metrics = stage.run(StageContext(cfg, inputs, tmp, log, work)) or {}
         metrics[f"time/{stage.name}_s"] = time.perf_counter() - began
         records.write(tmp, {"stage": stage.name, "fingerprint": final.name, "metrics": metrics},
                       verify)
@@ -150,6 +160,7 @@ def _compute(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], final: Path
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.rename(final)
+    shutil.rmtree(work, ignore_errors=True)
     return metrics
 
 
@@ -184,11 +195,32 @@ def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], 
             if cached != recorded:  # found damaged and recomputed
                 tracker.tags({"lancet.cached": str(cached).lower()})
             tracker.metrics(metrics)
-            for rel in stage.artifacts:
-                tracker.artifacts(path / rel, stage.publish_as)
+            _log_outputs(tracker, stage, path, fp, log)
         paths[stage.name], prints[stage.name] = path, fp
         _publish(path, output_dir, stage.publish_as)
         results[stage.name] = {**metrics, "cached": cached}
         log(f"stage {stage.name} reused from cache" if cached else
             f"stage {stage.name} done ({metrics.get(f'time/{stage.name}_s', 0):.1f} s)")
     return results
+
+
+def _log_outputs(tracker, stage: Stage, path: Path, fp: str, log: Callable[[str], None]) -> None:
+    """Curves every time; artifacts and the model once per fingerprint and experiment."""
+    for rel in stage.curves:
+        tracker.curve(path / rel)
+    if not (stage.artifacts or stage.model):
+        return
+    first = tracker.logged_before(stage.name, fp)
+    if first:  # reused from the cache: the artifacts are already in that run
+        tracker.tag("lancet.artifacts_run", first)
+        return
+    for rel in stage.artifacts:
+        tracker.artifacts(path / rel, stage.publish_as)
+    if stage.model:
+        try:
+            tracker.model(path / stage.model, f"{tracker.experiment}-{stage.name}")
+        except Exception as err:  # e.g. a LoRA adapter alone: keep its files instead
+            log(f"stage {stage.name}: cannot log {stage.model} as an MLflow model ({err}); "
+                "logging its files")
+            tracker.artifacts(path / stage.model, f"{stage.publish_as}/{stage.model}")
+    tracker.tag("lancet.artifacts", "logged")

@@ -28,18 +28,42 @@ log = logging.getLogger("lancet")
 USER_ERRORS = (DataError, ModelLoadError, UnsupportedModelError, ValueError, FileNotFoundError)
 
 
+# Overrides that say where, not what: left out of the parent run's name.
+UNNAMED = ("output_dir", "cache_dir", "mlflow.", "cluster.", "hydra.", "pipeline.summary")
+MAX_NAME = 120
+
+
 class TrackingError(RuntimeError):
     """The MLflow store failed during a run whose stages finished."""
 
 
-def tracking_uri(cfg: LancetConf) -> str:
+def tracking_uri(cfg: LancetConf, sweep: str = "") -> str:
+    """The configured store, else SQLite under the sweep's folder (one store per sweep) or the
+    run's output folder."""
     if cfg.mlflow.tracking_uri:
         return cfg.mlflow.tracking_uri
-    return f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{Path(sweep or cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
-def run_pipeline(cfg: LancetConf, resolved: dict) -> dict:
-    """Validate, then run the DAG (up to ``pipeline.until``) inside an MLflow parent run."""
+def run_name(overrides: list[str]) -> str:
+    """The parent run's name: the overrides that change what is computed (``lancet`` if none)."""
+    kept = [o for o in overrides if not o.lstrip("+~").startswith(UNNAMED)]
+    name = " ".join(kept) or "lancet"
+    return name if len(name) <= MAX_NAME else name[:MAX_NAME - 1] + "…"
+
+
+def hydra_run() -> tuple[str, str]:
+    """(run name from the overrides, the sweep's folder in a multirun else "")."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    hydra = HydraConfig.get()
+    sweep = str(Path(hydra.sweep.dir).resolve()) if hydra.mode == RunMode.MULTIRUN else ""
+    return run_name(list(hydra.overrides.task)), sweep
+
+
+def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: str = "") -> dict:
+    """Validate, then run the DAG (up to ``pipeline.until``) inside an MLflow parent run named
+    ``name`` (nested under the sweep's run when ``sweep`` names a multirun's folder)."""
     specs.validate(cfg)
     specs.check_inputs(cfg)
     stages = select_until(STAGES, cfg.pipeline.until)
@@ -47,10 +71,12 @@ def run_pipeline(cfg: LancetConf, resolved: dict) -> dict:
         connect(specs.cluster(cfg))  # fails at once if the workers can never be placed
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    log.info(f"output_dir: {output.resolve()}")
+    log.info(f"cache_dir:  {Path(cfg.cache_dir).resolve()}")
     config_file = output / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    tracker = Tracker(tracking_uri(cfg), cfg.mlflow.experiment, cfg.mlflow.enabled)
-    with tracker.parent("lancet", resolved, config_file) as run_id:
+    tracker = Tracker(tracking_uri(cfg, sweep), cfg.mlflow.experiment, cfg.mlflow.enabled)
+    with tracker.parent(name, resolved, config_file, sweep) as run_id:
         results = run_dag(stages, cfg, tracker, log.info)
         final = {k: v for stage in results.values() for k, v in stage.items()
                  if k != "cached" and ("/" in k)}
@@ -70,7 +96,7 @@ def run_from_hydra(cfg) -> int:
     try:
         typed = to_typed(cfg)
         resolved = asdict(typed)  # what the run uses: demo-only defaults already resolved
-        out = run_pipeline(typed, resolved)
+        out = run_pipeline(typed, resolved, *hydra_run())
     except (CacheError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CODE

@@ -102,6 +102,7 @@ def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
     return IBOSpec(model_path=model_path, deepspeed_config=str(ds_path), objective=objective,
                    steps=b.steps, lr=b.lr, batch_size=b.batch_size,
                    checkpoint_every=b.checkpoint_every,
+                   keep_checkpoints=cfg.cluster.keep_checkpoints,
                    precompute_reference=b.precompute_reference, dtype=cfg.model.dtype, lora=lora,
                    reinit=b.reinit, trust_remote_code=cfg.model.trust_remote_code)
 

@@ -13,7 +13,8 @@ def summary(cfg: LancetConf, out: dict) -> str:
     r = {k: v for stage in out["results"].values() for k, v in stage.items()}
     cached = [name for name, s in out["results"].items() if s.get("cached")]
     lines = ["", "LANCET summary",
-             f"  output:              {cfg.output_dir}"]
+             f"  output:              {cfg.output_dir}",
+             f"  cache:               {cfg.cache_dir}"]
     if "detect/auprc" in r:
         lines.append(f"  recall AUPRC:        {_fmt(r['detect/auprc'])} "
                      f"(recall@k {_fmt(r.get('detect/recall_at_k'))})")

@@ -254,3 +254,43 @@ def test_a_read_only_output_dir_ends_with_one_line_before_any_stage(tmp_path):
                        f"output_dir={disk / 'out'}", check=False)
     assert one_error_line(proc) == f"error: cannot write {disk / 'out'}: read-only file system"
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_scoring_resumes_by_shard(tmp_path, tiny_pipeline):
+    """Killed mid-scoring, the rerun keeps the finished shards and scores only the rest; the
+    result equals an uninterrupted run's (same ids, same scores)."""
+    from pipeline_cli import stages
+    cache = tiny_pipeline[0]
+    score = ("debug=tiny", "cluster.local_cpus=2", "influence.query_batch_size=2",
+             "cluster.score_shard_rows=16", "pipeline.until=score", "mlflow.enabled=false")
+    args = [sys.executable, "-m", "pipeline", *score, f"cache_dir={cache}",
+            f"output_dir={tmp_path / 'killed'}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(cache.glob("score/*.partial/raw/*.parquet"))) < 3:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait(timeout=60)
+    kept = list(cache.glob("score/*.partial/raw/*.parquet"))
+    total = -(-len(pq.read_table(cache.glob("prepare/*/train.parquet").__next__())) // 16)
+    assert 3 <= len(kept) < total, f"{len(kept)} of {total} shards when killed"
+    run_cli(*score, f"cache_dir={cache}", f"output_dir={tmp_path / 'resumed'}")
+    resumed = stages(tmp_path / "resumed")["score"]
+    assert resumed["score/shards_reused"] == len(kept)
+    assert resumed["score/shards_scored"] == total - len(kept)
+    print(f"resume by shard: {len(kept)} of {total} shards reused, "
+          f"{resumed['score/shards_scored']} scored")
+    assert not list(cache.glob("score/*.partial")), "the work folder outlived the stage"
+    calm_cache = tmp_path / "calm_cache"  # a fresh cache holding only the inputs of score
+    for name in ("prepare", "fit_factors"):
+        shutil.copytree(cache / name, calm_cache / name, symlinks=True)
+    run_cli(*score, f"cache_dir={calm_cache}", f"output_dir={tmp_path / 'calm'}")
+    assert stages(tmp_path / "calm")["score"]["score/shards_scored"] == total
+
+    def ranked(out):
+        table = pq.read_table(out / "influence" / "ranked", columns=["id", "score", "rank"])
+        return sorted(zip(*(table.column(c).to_pylist() for c in ("id", "score", "rank"))))
+    assert ranked(tmp_path / "resumed") == ranked(tmp_path / "calm")

@@ -44,11 +44,15 @@ def test_runs_metrics_and_plots_reach_an_mlflow_server(tmp_path, tiny_pipeline):
 
 def test_ray_job_submit_runs_the_pipeline_on_an_existing_cluster(tmp_path, tiny_pipeline):
     with ray_head(tmp_path) as head:
-        out, cache = tmp_path / "out", tiny_pipeline[0]
+        home, cache = tmp_path / "home", tiny_pipeline[0]
+        # no output_dir: it must default to a stable folder (~/.lancet), not under the job's
+        # temporary working directory that Ray deletes with the job
+        runtime_env = json.dumps({"env_vars": {"HOME": str(home)}})
         # a new α: the correction (a Ray Train + DeepSpeed job) runs on the submitted cluster
         cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"],
-               "--working-dir", str(ROOT), "--no-wait", "--", "python", "-m", "pipeline",
-               *TINY, "influence.alpha=0.7", f"output_dir={out}", f"cache_dir={cache}"]
+               "--working-dir", str(ROOT), "--runtime-env-json", runtime_env, "--no-wait",
+               "--", "python", "-m", "pipeline", *TINY, "influence.alpha=0.7",
+               f"cache_dir={cache}"]
         submitted = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300,
                                    stdin=subprocess.DEVNULL)
         assert submitted.returncode == 0, submitted.stderr
@@ -59,6 +63,10 @@ def test_ray_job_submit_runs_the_pipeline_on_an_existing_cluster(tmp_path, tiny_
                                job_id], env=env(), capture_output=True, text=True, timeout=60)
         assert status == "SUCCEEDED", logs.stdout[-4000:]
         assert "LANCET summary" in logs.stdout
+        runs = list((home / ".lancet" / "outputs").glob("*/*/run.json"))
+        assert len(runs) == 1, logs.stdout[-4000:]
+        out = runs[0].parent
+        assert f"output_dir: {out}" in logs.stdout
         assert (out / "ibo" / "model" / "config.json").is_file()
         assert (out / "eval" / "metrics.json").is_file()
         run = json.loads((out / "run.json").read_text())

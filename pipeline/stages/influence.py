@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,7 +12,8 @@ from cluster.datasets import read_prepared
 from cluster.factor_job import fit_factors, passes
 from cluster.progress import Progress
 from cluster.runtime import connect
-from cluster.scoring import finalize, precondition_on_worker, score_corpus
+from cluster.score_shards import RAW, features_in, missing_shards, plan_shards, score_shards
+from cluster.scoring import finalize
 from pipeline import specs
 from pipeline.dag import StageContext
 from pipeline.fingerprints import data_fingerprint, model_fingerprint
@@ -60,26 +60,42 @@ def run_fit(ctx: StageContext) -> dict:
 
 
 def run_score(ctx: StageContext) -> dict:
-    cfg, prepared = ctx.cfg, ctx.inputs["prepare"]
+    """Score the corpus by shard into ``ctx.work`` (kept if killed), then rank (finalize)."""
+    cfg, prepared, work = ctx.cfg, ctx.inputs["prepare"], ctx.work or ctx.out / "_work"
     cluster = specs.cluster(cfg)
-    connect(cluster)
     spec = specs.score_spec(cfg, model_dir(prepared))
     queries = pq.read_table(prepared / "queries.parquet").to_pylist()
-    factors = ctx.inputs["fit_factors"] if spec.influence.uses_curvature else None
-    features = precondition_on_worker(spec, queries, factors, cluster)
-    raw_dir = ctx.out / "_raw"
     train = prepared / "train.parquet"
-    with Progress("score", rows(train), ctx.log) as progress:
-        metrics = score_corpus(read_prepared(train, cluster), spec, features, cluster, raw_dir,
-                               progress.counter)
-    summary = finalize(raw_dir, ctx.out / RANKED, cfg.influence.aggregate)
-    shutil.rmtree(raw_dir)
+    shards = plan_shards(train, cfg.cluster.score_shard_rows)
+    todo = missing_shards(work, shards)
+    ctx.log(f"score: {len(shards) - len(todo)} of {len(shards)} shards reused from {work}")
+    metrics = _score_missing(ctx, spec, queries, train, todo, cluster, work)
+    summary = finalize(work / RAW, ctx.out / RANKED, cfg.influence.aggregate)
     if summary["nonfinite"]:
         ctx.log(f"WARNING: {summary['nonfinite']} samples had NaN/inf gradients and are "
                 f"excluded: {summary['nonfinite_ids'][:10]}")
-    ctx.log(f"score: {metrics['sequences']} sequences, {metrics['sequences_per_s']:.1f} seq/s, "
-            f"{metrics['tokens_per_s']:.0f} tokens/s")
     n_batches = math.ceil(len(queries) / spec.influence.query_batch_size)
     return {"score/sequences_per_s": metrics["sequences_per_s"],
             "score/tokens_per_s": metrics["tokens_per_s"], "score/query_batches": n_batches,
-            "score/nonfinite": summary["nonfinite"], "score/rows": summary["rows"]}
+            "score/nonfinite": summary["nonfinite"], "score/rows": summary["rows"],
+            "score/shards_reused": len(shards) - len(todo), "score/shards_scored": len(todo)}
+
+
+def _score_missing(ctx: StageContext, spec, queries, train: Path, todo, cluster, work: Path
+                   ) -> dict:
+    """Score the missing shards (none: no Ray work at all); their throughput."""
+    if todo:
+        connect(cluster)
+        factors = ctx.inputs["fit_factors"] if spec.influence.uses_curvature else None
+        features = features_in(work, spec, queries, factors, cluster)
+        total = sum(stop - start for start, stop in todo)
+        with Progress("score", total, ctx.log) as progress:
+            metrics = score_shards(train, todo, spec, features, cluster, work, progress.counter)
+    else:
+        metrics = {"sequences": 0, "tokens": 0, "seconds": 0.0}
+    seconds = max(metrics["seconds"], 1e-9)
+    metrics.update(sequences_per_s=metrics["sequences"] / seconds,
+                   tokens_per_s=metrics["tokens"] / seconds)
+    ctx.log(f"score: {metrics['sequences']} sequences, {metrics['sequences_per_s']:.1f} seq/s, "
+            f"{metrics['tokens_per_s']:.0f} tokens/s")
+    return metrics

@@ -35,12 +35,12 @@ STAGES = [
     Stage("score", influence.run_score, ("prepare", "fit_factors"),
           INFLUENCE_KEYS + ("influence.query_batch_size", "influence.aggregate",
                             "influence.similarity", "influence.query_rank"), "influence",
-          version="2"),  # 2: ranked/ is a folder of streamed shards
+          version="3"),  # 3: scored by fixed row-range shards (resumable)
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
     # ibo.batch_size is rows per worker: the real batch is batch_size × num_workers
     Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed", "cluster.num_workers"), "ibo",
-          artifacts=("model",), reads=ibo_reads),
+          reads=ibo_reads, curves=("curve.jsonl",), model="model"),
     Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge", "eval"), "eval",
           artifacts=("metrics.json",), reads=evaluate_reads,
           version="3"),  # 3: over-refusal on clean prompts and relearning (issue #15)

@@ -1,0 +1,93 @@
+"""Long jobs: checkpoints kept on storage, and what reaches MLflow (issue #13), on the shared
+``debug=tiny`` run and cheap reruns of it through the CLI."""
+
+import json
+
+import pytest
+from pipeline_cli import run_cli, stages
+
+from cluster.ibo_job import IBOSpec, run_config
+
+TINY = ("debug=tiny", "cluster.local_cpus=2")
+
+
+def test_ray_train_keeps_the_latest_checkpoints_only(tmp_path):
+    spec = IBOSpec(model_path="m", deepspeed_config="d", keep_checkpoints=3)
+    assert run_config(spec, tmp_path, 2).checkpoint_config.num_to_keep == 3
+    with pytest.raises(ValueError, match="keep_checkpoints"):
+        IBOSpec(model_path="m", deepspeed_config="d", keep_checkpoints=0)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_finished_jobs_leave_no_checkpoints_behind(tiny_pipeline):
+    cache, out, _ = tiny_pipeline
+    runs = sorted(p.name for p in (cache / "_ray_train").glob("*/")
+                  if p.name.startswith(("ibo_", "fit_factors_")))
+    assert runs == [], f"Ray Train run folders left on storage: {runs}"
+    removed = stages(out)["ibo"]["ibo/checkpoint_mb_removed"]
+    print(f"ibo checkpoints removed at the end: {removed:.2f} MiB")
+    assert removed > 0
+
+
+def _client(out):
+    from mlflow.tracking import MlflowClient
+    run = json.loads((out / "run.json").read_text())
+    return MlflowClient(tracking_uri=run["tracking_uri"]), run["mlflow_run_id"]
+
+
+def _children(client, parent):
+    found = client.search_runs([parent.info.experiment_id],
+                               f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return {r.info.run_name: r for r in found}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_mlflow_names_the_run_logs_curves_and_the_model_under_output_dir(tiny_pipeline):
+    cache, out, _ = tiny_pipeline
+    client, run_id = _client(out)
+    parent = client.get_run(run_id)
+    assert parent.info.run_name == "debug=tiny"  # where-to overrides (cache_dir, …) left out
+    location = client.get_experiment(parent.info.experiment_id).artifact_location
+    assert location == (out.resolve() / "mlartifacts").as_uri()
+    ibo = _children(client, parent)["ibo"]
+    steps = [m.step for m in client.get_metric_history(ibo.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 7))  # every step, not only the checkpoints
+    versions = client.search_model_versions("name='lancet-ibo'")
+    assert [v.run_id for v in versions] == [ibo.info.run_id]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_rerun_from_the_cache_uploads_nothing_again(tiny_pipeline, tmp_path):
+    cache, out, _ = tiny_pipeline
+    client, first_id = _client(out)
+    again = tmp_path / "again"
+    run_cli(*TINY, f"cache_dir={cache}", f"output_dir={again}",
+            f"mlflow.tracking_uri={client.tracking_uri}")
+    second = client.get_run(_client(again)[1])
+    first_children = _children(client, client.get_run(first_id))
+    for name, child in _children(client, second).items():
+        assert child.data.tags["lancet.cached"] == "true"
+        if name in ("ibo", "evaluate", "report"):
+            assert client.list_artifacts(child.info.run_id) == [], name
+            assert child.data.tags["lancet.artifacts_run"] == first_children[name].info.run_id
+    assert len(client.search_model_versions("name='lancet-ibo'")) == 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_groups_its_jobs_under_one_run(tiny_pipeline, tmp_path):
+    from mlflow.tracking import MlflowClient
+    sweep = tmp_path / "sweep"
+    run_cli("-m", *TINY, "pipeline.until=select", "influence.alpha=0.61,0.62",
+            f"cache_dir={tiny_pipeline[0]}", f"hydra.sweep.dir={sweep}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("lancet")
+    runs = client.search_runs([experiment.experiment_id])
+    roots = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.data.tags.get("lancet.sweep_root") for r in roots] == [str(sweep.resolve())]
+    jobs = {r.info.run_name for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == roots[0].info.run_id}
+    assert jobs == {f"debug=tiny pipeline.until=select influence.alpha={a}" for a in (0.61, 0.62)}
