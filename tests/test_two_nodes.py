@@ -148,7 +148,7 @@ def test_two_node_cluster_fits_and_scores_like_one_worker(two_node_cluster, byo_
     placed = _actor_hosts(head, address)
     both = {head.address, other.address}
     assert placed["RayTrainWorker"] == both, placed  # the all-reduce crossed the hosts
-    assert placed["MapWorker(MapBatches(Scorer))"] == both, placed  # so did scoring
+    assert placed["MapWorker(MapBatches(ShardScorer))"] == both, placed  # so did scoring
     factors, scores = _results(tmp_path / "out")
     factors1, scores1 = one_worker
     _assert_same_factors(factors, factors1)
