@@ -60,6 +60,14 @@ class ClusterConfig:
             raise ValueError(f"cluster.placement_strategy={self.placement_strategy!r}: expected "
                              f"one of {strategies}")
 
+    def actor_options(self) -> dict:
+        """Ray options of one pool actor (scoring): its resources, and SPREAD over the nodes
+        when the workers are to be spread, so the pool does not pile onto one host."""
+        options = {"num_cpus": self.cpus_per_worker, "num_gpus": self.gpus_per_worker or None}
+        if self.placement_strategy in ("SPREAD", "STRICT_SPREAD"):
+            options["scheduling_strategy"] = "SPREAD"
+        return options
+
     @property
     def use_gpu(self) -> bool:
         return self.gpus_per_worker > 0

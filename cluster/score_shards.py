@@ -1,7 +1,7 @@
 """Scoring that resumes by shard: a killed or failed score stage keeps what it finished.
 
-The prepared corpus is cut into fixed row ranges (``shard_rows`` each), so a shard holds the
-same rows whatever the number of workers and on every rerun. Each scorer actor of a Ray Data
+The prepared corpus is cut into fixed row ranges (at most ``shard_rows`` each, at least one per
+worker), so a shard holds the same rows on every rerun with the same number of workers. Each scorer actor of a Ray Data
 pool takes one range, scores it in ``cluster.batch_size`` batches and writes its raw scores to
 ``work/raw/rows-<start>-<stop>.parquet`` under a temporary name, then renames it: a shard file
 is complete or absent. A rerun scores only the ranges whose file is missing; a retried actor
@@ -28,12 +28,16 @@ FEATURES = "features.safetensors"
 RAW = "raw"
 
 
-def plan_shards(train: Path, shard_rows: int) -> list[tuple[int, int]]:
-    """The row ranges ``[start, stop)`` covering ``train``, ``shard_rows`` rows each."""
+def plan_shards(train: Path, shard_rows: int, workers: int = 1) -> list[tuple[int, int]]:
+    """The row ranges ``[start, stop)`` covering ``train``: at most ``shard_rows`` rows each,
+    equal sizes, and at least ``workers`` of them (when there are as many rows), so a corpus
+    smaller than one shard still keeps every worker busy."""
     if shard_rows < 1:
         raise ValueError(f"cluster.score_shard_rows={shard_rows}: must be >= 1")
     total = pq.ParquetFile(train).metadata.num_rows
-    return [(start, min(start + shard_rows, total)) for start in range(0, total, shard_rows)]
+    count = max(-(-total // shard_rows), min(workers, total))
+    size = -(-total // count) if count else 1
+    return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
 def shard_name(start: int, stop: int) -> str:
@@ -135,7 +139,7 @@ def score_shards(train: Path, todo: list[tuple[int, int]], spec: ScoreSpec, feat
             "spec": spec, "features_ref": [features], "cluster": cluster, "train": str(train),
             "raw_dir": str(work / RAW), "progress": progress},
         batch_size=1, batch_format="numpy", concurrency=min(cluster.num_workers, len(todo)),
-        num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker or None)
+        **cluster.actor_options())
     written = done.take_all()
     return {"sequences": sum(int(r["rows"]) for r in written),
             "tokens": sum(int(r["tokens"]) for r in written),

@@ -145,7 +145,7 @@ def score_corpus(dataset, spec: ScoreSpec, features, cluster: ClusterConfig, raw
         Scorer, fn_constructor_kwargs={"spec": spec, "features_ref": features_ref,
                                        "cluster": cluster, "progress": progress},
         batch_size=cluster.batch_size, batch_format="pyarrow", concurrency=cluster.num_workers,
-        num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker or None)
+        **cluster.actor_options())
     scored.write_parquet(str(raw_dir))
     seconds = time.perf_counter() - start
     rows, tokens = 0, 0

@@ -148,7 +148,7 @@ def test_a_stage_that_fails_half_way_leaves_no_output(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_driver_reruns_skipping_finished_stages(tmp_path, tiny_pipeline):
-    cache, out = tiny_pipeline[0], tmp_path / "out"
+    cache, out = copy_cache(tiny_pipeline, tmp_path / "cache"), tmp_path / "out"
     alpha = "influence.alpha=0.65"  # influence is reused; select onwards is new work
     args = [sys.executable, "-m", "pipeline", "debug=tiny", "cluster.local_cpus=2", alpha,
             f"cache_dir={cache}", f"output_dir={out}"]
@@ -261,7 +261,7 @@ def test_a_driver_killed_mid_scoring_resumes_by_shard(tmp_path, tiny_pipeline):
     """Killed mid-scoring, the rerun keeps the finished shards and scores only the rest; the
     result equals an uninterrupted run's (same ids, same scores)."""
     from pipeline_cli import stages
-    cache = tiny_pipeline[0]
+    cache = copy_cache(tiny_pipeline, tmp_path / "cache")
     score = ("debug=tiny", "cluster.local_cpus=2", "influence.query_batch_size=2",
              "cluster.score_shard_rows=16", "pipeline.until=score", "mlflow.enabled=false")
     args = [sys.executable, "-m", "pipeline", *score, f"cache_dir={cache}",

@@ -16,7 +16,9 @@ def train(tmp_path):
 
 def test_shards_are_fixed_row_ranges_covering_every_row_once(train):
     shards = plan_shards(train, 10)
-    assert shards == [(0, 10), (10, 20), (20, 23)]
+    assert shards == [(0, 8), (8, 16), (16, 23)]  # at most 10 rows each, as equal as can be
+    assert plan_shards(train, 100, workers=4) == [(0, 6), (6, 12), (12, 18), (18, 23)]
+    assert plan_shards(train, 10, workers=2) == shards  # enough shards for both workers
     ids = [i for s in shards for i in read_rows(train, *s).column("id").to_pylist()]
     assert ids == [f"r{i}" for i in range(23)]  # across row-group boundaries, in order
     with pytest.raises(ValueError, match="score_shard_rows"):
@@ -28,8 +30,8 @@ def test_only_missing_shards_are_scored_and_stray_cuts_are_dropped(train, tmp_pa
     shards = plan_shards(train, 10)
     assert missing_shards(work, shards) == shards
     raw = work / RAW
-    pq.write_table(read_rows(train, 10, 20), raw / shard_name(10, 20))
+    pq.write_table(read_rows(train, 8, 16), raw / shard_name(8, 16))
     pq.write_table(read_rows(train, 0, 7), raw / shard_name(0, 7))  # another shard size
-    (raw / f".{shard_name(0, 10)}.tmp-1").write_bytes(b"half")  # a killed writer's leftover
-    assert missing_shards(work, shards) == [(0, 10), (20, 23)]
-    assert sorted(p.name for p in raw.glob("*.parquet")) == [shard_name(10, 20)]
+    (raw / f".{shard_name(0, 8)}.tmp-1").write_bytes(b"half")  # a killed writer's leftover
+    assert missing_shards(work, shards) == [(0, 8), (16, 23)]
+    assert sorted(p.name for p in raw.glob("*.parquet")) == [shard_name(8, 16)]

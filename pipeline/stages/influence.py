@@ -66,7 +66,7 @@ def run_score(ctx: StageContext) -> dict:
     spec = specs.score_spec(cfg, model_dir(prepared))
     queries = pq.read_table(prepared / "queries.parquet").to_pylist()
     train = prepared / "train.parquet"
-    shards = plan_shards(train, cfg.cluster.score_shard_rows)
+    shards = plan_shards(train, cfg.cluster.score_shard_rows, cluster.num_workers)
     todo = missing_shards(work, shards)
     ctx.log(f"score: {len(shards) - len(todo)} of {len(shards)} shards reused from {work}")
     metrics = _score_missing(ctx, spec, queries, train, todo, cluster, work)
