@@ -17,7 +17,6 @@ stage resumes with the ranges it finished; ``score_corpus`` streams a whole data
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads
 from operators.factors import stat_dtype
-from operators.scores import InfluenceConfig, precondition_queries, score_batch
+from operators.scores import InfluenceConfig, aggregate, precondition_queries, score_batch
 from operators.units import discover_units
 
 BATCH_ROWS = 4096  # rows per record batch when streaming the scored shards
@@ -167,7 +166,7 @@ def _column_scales(files: list[Path]) -> np.ndarray:
             n += raw.shape[0]
             total = raw.sum(0) if total is None else total + raw.sum(0)
             squares = (raw ** 2).sum(0) if squares is None else squares + (raw ** 2).sum(0)
-    if total is None or n < 2:
+    if total is None or n < 2:  # as operators.scores.column_scales
         return np.ones(0 if total is None else total.shape)
     var = (squares - total ** 2 / n) / (n - 1)
     std = np.sqrt(np.clip(var, 0, None))
@@ -179,14 +178,6 @@ def _raw_matrix(column) -> np.ndarray:
         column = column.combine_chunks()
     width = column.type.list_size
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
-
-
-def aggregate_rows(raw: np.ndarray, scales: np.ndarray, how: str) -> np.ndarray:
-    """The final score per row (see ``operators.scores.aggregate``); NaN for non-finite rows."""
-    scaled = raw / scales if scales.size else raw
-    score = scaled.max(axis=1) if how == "max" else scaled.mean(axis=1)
-    score[~np.isfinite(raw).all(axis=1)] = math.nan
-    return score
 
 
 def finalize(raw_dir: Path, out_dir: Path, how: str) -> dict:
@@ -226,7 +217,8 @@ def _ids_and_scores(files: list[Path], scales: np.ndarray, how: str, raw_dir: Pa
             chunk = batch.column(0).to_pylist()
             seen.update(chunk)
             ids.extend(chunk)
-            scores.append(aggregate_rows(_raw_matrix(batch.column(1)), scales, how))
+            raw = torch.from_numpy(_raw_matrix(batch.column(1)))
+            scores.append(aggregate(raw, how, torch.from_numpy(scales)).numpy())
     if len(seen) != len(ids):
         raise RuntimeError(f"scoring produced duplicate ids under {raw_dir}: a retry wrote twice")
     return np.array(ids, dtype=object), (np.concatenate(scores) if scores else np.zeros(0))

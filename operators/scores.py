@@ -19,6 +19,7 @@ Everything is computed in float32 (float64 for a float64 model) and returned in 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -243,16 +244,26 @@ def _unit_scores(cap, unit: Unit, mask: Tensor, queries: Features, cosine: bool
     return scores, grads.double().pow(2).flatten(1).sum(1) if cosine else None
 
 
-def aggregate(raw: Tensor, how: str = "max") -> Tensor:
-    """Combine per-query-batch scores ``[N, Q]`` into one score per sample ``[N]``.
+def column_scales(raw: Tensor) -> Tensor:
+    """Each column's unbiased standard deviation over the finite rows; 1 where it is 0 or
+    undefined (fewer than two finite rows)."""
+    finite = raw[torch.isfinite(raw).all(dim=1)]
+    if finite.shape[0] < 2:
+        return torch.ones(raw.shape[1], dtype=raw.dtype)
+    std = finite.std(dim=0)
+    return torch.where(std > 0, std, torch.ones_like(std))
 
-    Each column is scaled to unit standard deviation over the corpus so no batch dominates.
-    Columns are not centred: a score's sign (drives vs inhibits) is kept.
+
+def aggregate(raw: Tensor, how: str = "max", scales: Tensor | None = None) -> Tensor:
+    """Combine per-query-batch scores ``[N, Q]`` into one score per sample ``[N]``; NaN for a
+    row with a non-finite score.
+
+    Each column is scaled to unit standard deviation over the corpus so no batch dominates
+    (``scales``: the columns' scales when ``raw`` is one chunk of the corpus, else computed
+    from ``raw``). Columns are not centred: a score's sign (drives vs inhibits) is kept.
+    This is the one definition: the pipeline's streamed ranking calls it chunk by chunk.
     """
     _check("influence.aggregate", how, AGGREGATES)
-    if raw.shape[0] > 1:
-        scale = raw.std(dim=0, keepdim=True)
-        scaled = raw / torch.where(scale > 0, scale, torch.ones_like(scale))
-    else:
-        scaled = raw
-    return scaled.max(dim=1).values if how == "max" else scaled.mean(dim=1)
+    scaled = raw / (column_scales(raw) if scales is None else scales)
+    score = scaled.max(dim=1).values if how == "max" else scaled.mean(dim=1)
+    return score.masked_fill(~torch.isfinite(raw).all(dim=1), math.nan)

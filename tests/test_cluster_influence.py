@@ -53,12 +53,25 @@ def live(label, total, lines):
     return Progress(label, total, lines.append, every_s=0.0, poll_s=0.05, tty=False)
 
 
+def in_process(assets):
+    """The same fit in this process, no Ray: per-sample seeds make it the one-worker reference."""
+    from cluster.batches import iter_row_batches, to_tensors
+    from cluster.model_io import load_model, load_tokenizer
+    from operators.curvature import fit_curvature
+    from operators.units import discover_units
+    corpus, model_dir, _ = assets
+    model, tok = load_model(model_dir, "float64"), load_tokenizer(model_dir)
+    batches = [to_tensors(c, tok, TokenizeConfig(max_length=64))
+               for c in iter_row_batches(corpus.train, 16)]
+    return fit_curvature(model, discover_units(model, "linfac"), batches)
+
+
 def test_two_workers_fit_the_same_factors_and_scores_as_one(ray_local, assets, tmp_path):
     rows, lines = len(assets[0].train), []
-    m1, one = fit(ray_local, assets, 1, tmp_path / "w1")
+    one = in_process(assets)
     with live("fit_factors", 2 * rows, lines) as progress:
         m2, two = fit(ray_local, assets, 2, tmp_path / "w2", progress.counter)
-    assert m1["sequences"] == m2["sequences"] == rows
+    assert m2["sequences"] == rows
     assert progress.done[0] == 2 * rows  # both passes, both workers, every row once each
     assert any(f"/{2 * rows} sequences" in line and "seq/s" in line for line in lines)
     for name in one.eigens:
@@ -73,8 +86,10 @@ def test_two_workers_fit_the_same_factors_and_scores_as_one(ray_local, assets, t
     queries = [r for r in corpus.train if r["planted"]][:5]
     results = {}
     for n, root in ((1, tmp_path / "w1"), (2, tmp_path / "w2")):
-        feats = (precondition(spec, queries, root / "factors") if n == 1 else  # in-process
-                 precondition_on_worker(spec, queries, root / "factors", cluster_of(n)))  # a task
+        root.mkdir(exist_ok=True)
+        factors = tmp_path / "w2" / "factors"  # equal to the one-worker reference (above)
+        feats = (precondition(spec, queries, factors) if n == 1 else  # in-process
+                 precondition_on_worker(spec, queries, factors, cluster_of(n)))  # a task
         with live("score", rows, lines) as progress:
             score_corpus(read_prepared(train, cluster_of(n)), spec, feats, cluster_of(n),
                          root / "raw", progress.counter)

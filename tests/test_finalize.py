@@ -4,8 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from cluster import scoring
+from operators.scores import aggregate
 
 
 def write_raw(folder, shards, width=3, seed=0):
@@ -45,10 +47,11 @@ def test_streamed_ranking_equals_the_whole_table_ranking(tmp_path, monkeypatch, 
     assert sorted(big["rank"]) == list(range(1, 25))
     assert (np.diff(ordered["score"].to_numpy()) <= 0).all()
     # the score is the scaled aggregate of the raw columns (scales: each column's std)
-    raw = np.stack(big["raw"].to_numpy())
-    scaled = raw / raw.std(axis=0, ddof=1)
-    expect = scaled.max(1) if how == "max" else scaled.mean(1)
-    np.testing.assert_allclose(big["score"], expect, rtol=1e-12)
+    raw = torch.from_numpy(np.stack(big["raw"].to_numpy()))
+    np.testing.assert_allclose(big["score"], aggregate(raw, how).numpy(), rtol=1e-12)
+    by_hand = raw / raw.std(dim=0)  # each column's unbiased std
+    expect = by_hand.max(1).values if how == "max" else by_hand.mean(1)
+    np.testing.assert_allclose(big["score"], expect.numpy(), rtol=1e-12)
 
 
 def test_a_repeated_id_is_refused_and_nothing_is_published(tmp_path):

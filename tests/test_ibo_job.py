@@ -118,7 +118,26 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(selected):
     assert (root / "resumed" / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("method", ["pbo", "ga", "remove", "oracle", "npo", "simnpo", "ga_kl"])
+def wiring(method: str) -> tuple:
+    """What the job does differently per method: the sets it reads, θs's log-probs and top-k
+    it precomputes, and whether it starts from a fresh model."""
+    from cluster.ibo_objectives import OBJECTIVES
+    o = OBJECTIVES[method]
+    return o.datasets, o.reference_logp, o.reference_topk, method == "oracle"
+
+
+# One job per wiring: each method's loss is checked in-process against its definition
+# (tests/test_ibo_objectives.py), so a second job with the same wiring proves nothing new.
+THROUGH_THE_JOB = ["npo", "simnpo", "ga", "remove", "oracle"]
+
+
+def test_every_wiring_of_the_job_is_run_below():
+    from cluster.ibo_objectives import OBJECTIVES
+    covered = {wiring(m) for m in ["ibo", *THROUGH_THE_JOB]}
+    assert {m: wiring(m) for m in OBJECTIVES if wiring(m) not in covered} == {}
+
+
+@pytest.mark.parametrize("method", THROUGH_THE_JOB)
 def test_baselines_run_through_the_same_job(selected, method):
     corpus, model_dir, root = selected
     spec = ibo_spec(model_dir, method, steps=4, checkpoint_every=2, reinit=method == "oracle")

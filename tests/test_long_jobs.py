@@ -74,20 +74,3 @@ def test_a_rerun_from_the_cache_uploads_nothing_again(tiny_pipeline, tmp_path):
             assert client.list_artifacts(child.info.run_id) == [], name
             assert child.data.tags["lancet.artifacts_run"] == first_children[name].info.run_id
     assert len(client.search_model_versions("name='lancet-ibo'")) == 1
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_sweep_groups_its_jobs_under_one_run(tiny_pipeline, tmp_path):
-    from mlflow.tracking import MlflowClient
-    sweep = tmp_path / "sweep"
-    run_cli("-m", *TINY, "pipeline.until=select", "influence.alpha=0.61,0.62",
-            f"cache_dir={tiny_pipeline[0]}", f"hydra.sweep.dir={sweep}")
-    client = MlflowClient(tracking_uri=f"sqlite:///{sweep / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("lancet")
-    runs = client.search_runs([experiment.experiment_id])
-    roots = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert [r.data.tags.get("lancet.sweep_root") for r in roots] == [str(sweep.resolve())]
-    jobs = {r.info.run_name for r in runs
-            if r.data.tags.get("mlflow.parentRunId") == roots[0].info.run_id}
-    assert jobs == {f"debug=tiny pipeline.until=select influence.alpha={a}" for a in (0.61, 0.62)}

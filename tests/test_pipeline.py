@@ -51,22 +51,33 @@ def test_outputs_follow_the_contract(first_run):
     assert "| rank |" in (out / "report" / "top_influential.md").read_text()
 
 
-def test_rerun_recomputes_nothing_and_alpha_recomputes_only_select_onwards(
-        first_run, cache, tmp_path):
+def test_rerun_recomputes_nothing_and_alpha_recomputes_from_select(first_run, cache, tmp_path):
+    """(That a new α recomputes select and everything after it, and nothing before, is shown
+    on a whole run in tests/test_pipeline_services.py.)"""
     run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'same'}")
     assert computed(tmp_path / "same") == set()
     run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'alpha'}",
-            "influence.alpha=0.5")
-    assert computed(tmp_path / "alpha") == {"select", "ibo", "evaluate", "report"}
+            "influence.alpha=0.5", "pipeline.until=select")
+    assert computed(tmp_path / "alpha") == {"select"}
 
 
-def test_sweep_over_alpha_and_batch_size_fits_factors_once(tmp_path):
-    run_cli("-m", *TINY, "influence.alpha=0.5,0.9", "influence.query_batch_size=1,8",
-            "pipeline.until=select", f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if (p / "run.json").is_file())
+def test_a_sweep_over_alpha_and_batch_size_fits_factors_once_under_one_mlflow_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+    sweep = tmp_path / "sweep"
+    run_cli("-m", *TINY, "pipeline.until=select", "influence.alpha=0.5,0.9",
+            "influence.query_batch_size=1,8", f"cache_dir={tmp_path / 'cache'}",
+            f"hydra.sweep.dir={sweep}")
+    jobs = sorted(p for p in sweep.iterdir() if (p / "run.json").is_file())
     assert len(jobs) == 4
     fits = [j for j in jobs if "fit_factors" in computed(j)]
     scores = [j for j in jobs if "score" in computed(j)]
     assert len(fits) == 1 and len(scores) == 2  # one fit; one scoring per batch size
     assert all(set(stages(j)) == {"prepare", "fit_factors", "score", "select"} for j in jobs)
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep / 'mlflow.db'}")  # one store per sweep
+    runs = client.search_runs([client.get_experiment_by_name("lancet").experiment_id])
+    roots = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.data.tags.get("lancet.sweep_root") for r in roots] == [str(sweep.resolve())]
+    names = {r.info.run_name for r in runs
+             if r.data.tags.get("mlflow.parentRunId") == roots[0].info.run_id}
+    assert names == {f"debug=tiny pipeline.until=select influence.alpha={a} "
+                     f"influence.query_batch_size={b}" for a in (0.5, 0.9) for b in (1, 8)}

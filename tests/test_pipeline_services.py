@@ -5,7 +5,7 @@ import subprocess
 import time
 
 import pytest
-from pipeline_cli import ROOT, env, run_cli
+from pipeline_cli import ROOT, env
 from servers import BIN, mlflow_server, ray_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -13,65 +13,71 @@ TINY = ("debug=tiny", "cluster.local_cpus=2")
 STAGE_NAMES = {"prepare", "fit_factors", "score", "select", "ibo", "evaluate", "report"}
 
 
-def test_runs_metrics_and_plots_reach_an_mlflow_server(tmp_path, tiny_pipeline):
-    from mlflow.tracking import MlflowClient
-    cache = tiny_pipeline[0]
-    with mlflow_server(tmp_path / "mlflow") as uri:
-        out = tmp_path / "out"  # a new α: influence reused from the cache, correction computed
-        run_cli(*TINY, f"cache_dir={cache}", f"output_dir={out}", "influence.alpha=0.6",
-                f"mlflow.tracking_uri={uri}", "mlflow.experiment=lancet-test")
-        client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name("lancet-test")
-        runs = client.search_runs([experiment.experiment_id])
-        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        assert len(parents) == 1
-        parent = parents[0]
-        children = {r.info.run_name: r for r in runs
-                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-        assert set(children) == STAGE_NAMES
-        tags = {name: r.data.tags["lancet.cached"] for name, r in children.items()}
-        assert tags == {"prepare": "true", "fit_factors": "true", "score": "true",
-                        "select": "false", "ibo": "false", "evaluate": "false",
-                        "report": "false"}
-        assert "detect/auprc" in children["evaluate"].data.metrics
-        assert "behavior/undesirable_rate_after" in parent.data.metrics
-        assert "influence.alpha" in parent.data.params
-        assert any(a.path == "config.yaml" for a in client.list_artifacts(parent.info.run_id))
-        report = client.list_artifacts(children["report"].info.run_id, "report")
-        assert {"report/score_distribution.png", "report/undesirable_rate.png"} <= {
-            a.path for a in report}
-
-
-def test_ray_job_submit_runs_the_pipeline_on_an_existing_cluster(tmp_path, tiny_pipeline):
-    with ray_head(tmp_path) as head:
+def test_ray_job_submit_runs_on_an_existing_cluster_and_logs_to_an_mlflow_server(
+        tmp_path, tiny_pipeline):
+    """One submitted run proves both services: the job runs on the cluster it is submitted to,
+    and its runs, metrics and plots reach a real MLflow server."""
+    with mlflow_server(tmp_path / "mlflow") as uri, ray_head(tmp_path) as head:
         home, cache = tmp_path / "home", tiny_pipeline[0]
-        # no output_dir: it must default to a stable folder (~/.lancet), not under the job's
-        # temporary working directory that Ray deletes with the job
-        runtime_env = json.dumps({"env_vars": {"HOME": str(home)}})
-        # a new α: the correction (a Ray Train + DeepSpeed job) runs on the submitted cluster
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"],
-               "--working-dir", str(ROOT), "--runtime-env-json", runtime_env, "--no-wait",
-               "--", "python", "-m", "pipeline", *TINY, "influence.alpha=0.7",
-               f"cache_dir={cache}"]
-        submitted = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300,
-                                   stdin=subprocess.DEVNULL)
-        assert submitted.returncode == 0, submitted.stderr
-        job_id = next(line.split("'")[1] for line in submitted.stdout.splitlines()
-                      if "submitted successfully" in line)
-        status = wait_job(head["dashboard"], job_id)
-        logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", head["dashboard"],
-                               job_id], env=env(), capture_output=True, text=True, timeout=60)
-        assert status == "SUCCEEDED", logs.stdout[-4000:]
-        assert "LANCET summary" in logs.stdout
-        runs = list((home / ".lancet" / "outputs").glob("*/*/run.json"))
-        assert len(runs) == 1, logs.stdout[-4000:]
-        out = runs[0].parent
-        assert f"output_dir: {out}" in logs.stdout
+        # a new α: influence reused from the cache; the correction (a Ray Train + DeepSpeed
+        # job) and everything after it computed on the submitted cluster
+        out = submit(head, home, *TINY, "influence.alpha=0.6", f"cache_dir={cache}",
+                     f"mlflow.tracking_uri={uri}", "mlflow.experiment=lancet-test")
         assert (out / "ibo" / "model" / "config.json").is_file()
         assert (out / "eval" / "metrics.json").is_file()
         run = json.loads((out / "run.json").read_text())
         assert set(run["stages"]) == STAGE_NAMES
         assert not run["stages"]["ibo"]["cached"]
+        assert_on_the_server(uri)
+
+
+def submit(head, home, *overrides: str):
+    """``ray job submit`` the pipeline with no output_dir; the run's output folder.
+
+    Without output_dir the run must land in a stable folder (~/.lancet), not under the job's
+    temporary working directory that Ray deletes with the job."""
+    runtime_env = json.dumps({"env_vars": {"HOME": str(home)}})
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", head["dashboard"],
+           "--working-dir", str(ROOT), "--runtime-env-json", runtime_env, "--no-wait",
+           "--", "python", "-m", "pipeline", *overrides]
+    submitted = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300,
+                               stdin=subprocess.DEVNULL)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = next(line.split("'")[1] for line in submitted.stdout.splitlines()
+                  if "submitted successfully" in line)
+    status = wait_job(head["dashboard"], job_id)
+    logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", head["dashboard"],
+                           job_id], env=env(), capture_output=True, text=True, timeout=60)
+    assert status == "SUCCEEDED", logs.stdout[-4000:]
+    assert "LANCET summary" in logs.stdout
+    runs = list((home / ".lancet" / "outputs").glob("*/*/run.json"))
+    assert len(runs) == 1, logs.stdout[-4000:]
+    assert f"output_dir: {runs[0].parent}" in logs.stdout
+    return runs[0].parent
+
+
+def assert_on_the_server(uri: str) -> None:
+    """One parent run with a child per stage, cached ones tagged, metrics, config and plots."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("lancet-test")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = {r.info.run_name: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == STAGE_NAMES
+    tags = {name: r.data.tags["lancet.cached"] for name, r in children.items()}
+    assert tags == {"prepare": "true", "fit_factors": "true", "score": "true",
+                    "select": "false", "ibo": "false", "evaluate": "false", "report": "false"}
+    assert "detect/auprc" in children["evaluate"].data.metrics
+    assert "behavior/undesirable_rate_after" in parent.data.metrics
+    assert "influence.alpha" in parent.data.params
+    assert any(a.path == "config.yaml" for a in client.list_artifacts(parent.info.run_id))
+    report = client.list_artifacts(children["report"].info.run_id, "report")
+    assert {"report/score_distribution.png", "report/undesirable_rate.png"} <= {
+        a.path for a in report}
 
 
 def wait_job(address: str, job_id: str, timeout: float = 900) -> str:
