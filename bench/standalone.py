@@ -16,7 +16,7 @@ def run_section(name: str, measure: Callable[[Path, bool], dict]) -> None:
     parser = argparse.ArgumentParser(prog=f"python -m bench.{name}")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    connect(ClusterConfig(num_cpus_local=2))
+    connect(ClusterConfig(local_cpus=2))
     work = Path(tempfile.mkdtemp(prefix=f"lancet_{name}_"))
     try:
         for key, value in measure(work, args.quick).items():

@@ -21,7 +21,7 @@ TEXT_COLUMNS = ("id", "prompt", "response")
 class TokenizeConfig:
     """How text becomes tokens (shared by every stage that reads samples)."""
 
-    max_length: int = 256
+    max_length: int = 512  # = pipeline.config.USER_MAX_LENGTH (tests/test_defaults_agree.py)
     truncate: bool = True  # False: refuse sequences longer than max_length
     train_on_prompt: bool = False
     seed: int = 0

@@ -57,7 +57,7 @@ class IBOSpec:
     model_path: str
     deepspeed_config: str
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    steps: int = 40
+    steps: int = 30
     lr: float = 5e-4
     batch_size: int = 8
     checkpoint_every: int = 10

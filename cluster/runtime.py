@@ -21,11 +21,11 @@ class ClusterConfig:
 
     address: str = ""  # empty: connect to RAY_ADDRESS / a running cluster, else start a local Ray
     num_workers: int = 2
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.5
     gpus_per_worker: float = 0.0
     threads_per_worker: int = 1
     batch_size: int = 16
-    num_cpus_local: int | None = None  # CPUs of a local Ray started by the run (None: all)
+    local_cpus: int | None = None  # CPUs of a local Ray started by the run (None: all)
     placement_strategy: str = "PACK"  # SPREAD puts workers on different nodes
     autoscale: bool = False  # True: wait (up to autoscale_timeout_s) for workers that do not fit
     autoscale_timeout_s: float = 900.0
@@ -51,8 +51,8 @@ class ClusterConfig:
             raise ValueError(f"cluster.gpus_per_worker={self.gpus_per_worker}: must be >= 0")
         if self.threads_per_worker < 1:
             raise ValueError(f"cluster.threads_per_worker={self.threads_per_worker}: must be >= 1")
-        if self.num_cpus_local is not None and self.num_cpus_local < 1:
-            raise ValueError(f"cluster.local_cpus={self.num_cpus_local}: must be >= 1 or null")
+        if self.local_cpus is not None and self.local_cpus < 1:
+            raise ValueError(f"cluster.local_cpus={self.local_cpus}: must be >= 1 or null")
         if not self.autoscale_timeout_s > 0:
             raise ValueError(f"cluster.autoscale_timeout_s={self.autoscale_timeout_s}: must be > 0")
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -104,7 +104,7 @@ def _init(config: ClusterConfig, address: str | None) -> None:
     else:
         env = {"env_vars": {**env_vars, **SINGLE_MACHINE}}
         # "local": a new Ray of our own, even if another local cluster is running
-        ray.init(address="local", num_cpus=config.num_cpus_local, runtime_env=env,
+        ray.init(address="local", num_cpus=config.local_cpus, runtime_env=env,
                  include_dashboard=False,
                  log_to_driver=False)  # workers' logs stay in Ray's session folder
 

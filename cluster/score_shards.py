@@ -1,13 +1,13 @@
 """Scoring that resumes by shard: a killed or failed score stage keeps what it finished.
 
 The prepared corpus is cut into fixed row ranges (at most ``shard_rows`` each, at least one per
-worker), so a shard holds the same rows on every rerun with the same number of workers. Each scorer actor of a Ray Data
-pool takes one range, scores it in ``cluster.batch_size`` batches and writes its raw scores to
-``work/raw/rows-<start>-<stop>.parquet`` under a temporary name, then renames it: a shard file
-is complete or absent. A rerun scores only the ranges whose file is missing; a retried actor
-rewrites its range under the same name, so no row is ever scored into two files. The
-preconditioned queries are saved next to the shards once (``features.safetensors``), so a
-resumed run scores against exactly the same queries.
+worker), so a shard holds the same rows on every rerun with the same number of workers. Each
+scorer actor of a Ray Data pool takes one range, scores it in ``cluster.batch_size`` batches and
+writes its raw scores to ``work/raw/rows-<start>-<stop>.parquet`` under a temporary name, then
+renames it: a shard file is complete or absent. A rerun scores only the ranges whose file is
+missing; a retried actor rewrites its range under the same name, so no row is ever scored into
+two files. The preconditioned queries are saved next to the shards once
+(``features.safetensors``), so a resumed run scores against exactly the same queries.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from operators.capture import eval_mode, unit_gradient
-from operators.curvature import Curvature, capture_pass
+from operators.curvature import FISHER_KINDS, Curvature, capture_pass
 from operators.factors import DampingConfig
 from operators.lowrank import compress, formed_scores, lowrank_scores, token_path_is_cheaper
 from operators.units import Unit
@@ -57,7 +57,7 @@ class InfluenceConfig:
         _check("influence.method", self.method, METHODS)
         _check("influence.aggregate", self.aggregate, AGGREGATES)
         _check("influence.similarity", self.similarity, SIMILARITIES)
-        _check("influence.fisher", self.fisher, ("sampled", "empirical"))
+        _check("influence.fisher", self.fisher, FISHER_KINDS)
         if int(self.query_batch_size) < 1:
             raise ValueError(f"influence.query_batch_size={self.query_batch_size}: must be >= 1")
         if self.query_rank is not None and int(self.query_rank) < 1:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from cluster.batches import TokenizeConfig
+from cluster.dataio import FORMATS
 from cluster.eval_job import EvalSpec
 from cluster.factor_job import FactorSpec
 from cluster.ibo_job import IBOSpec, LoraSpec
 from cluster.ibo_objectives import ObjectiveConfig
+from cluster.model_io import DTYPES
 from cluster.relearn_job import RelearnSpec
 from cluster.runtime import ClusterConfig
 from cluster.scoring import ScoreSpec
@@ -65,7 +67,7 @@ def cluster(cfg: LancetConf) -> ClusterConfig:
     return ClusterConfig(address=c.address, num_workers=c.num_workers,
                          cpus_per_worker=c.cpus_per_worker, gpus_per_worker=c.gpus_per_worker,
                          threads_per_worker=c.threads_per_worker, batch_size=c.batch_size,
-                         num_cpus_local=c.local_cpus, placement_strategy=c.placement_strategy,
+                         local_cpus=c.local_cpus, placement_strategy=c.placement_strategy,
                          autoscale=c.autoscale, autoscale_timeout_s=c.autoscale_timeout_s)
 
 
@@ -145,12 +147,10 @@ def validate(cfg: LancetConf) -> None:
     relearn_spec(cfg)
     from pipeline.judge import judge_config
     judge_config(cfg.judge)
-    if cfg.data.format not in ("prompt_response", "hh_rlhf", "beavertails"):
-        raise ValueError(f"data.format={cfg.data.format!r}: expected prompt_response, hh_rlhf "
-                         "or beavertails")
-    if cfg.model.dtype not in ("float32", "float64", "bfloat16", "float16"):
-        raise ValueError(f"model.dtype={cfg.model.dtype!r}: expected float32, float64, bfloat16 "
-                         "or float16")
+    if cfg.data.format not in FORMATS:
+        raise ValueError(f"data.format={cfg.data.format!r}: expected one of {', '.join(FORMATS)}")
+    if cfg.model.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.pipeline.verify not in VERIFY_MODES:
         raise ValueError(f"pipeline.verify={cfg.pipeline.verify!r}: expected one of "
                          f"{', '.join(VERIFY_MODES)}")
