@@ -13,7 +13,7 @@ import torch
 from operators.curvature import fit_curvature
 from operators.generation import greedy_generate
 from operators.metrics import auprc, recall_at_k
-from operators.scores import InfluenceConfig, aggregate, precondition_queries, score_batch
+from operators.scores import InfluenceConfig, aggregate, precondition_queries, score_batch, units_for
 from operators.sequences import collate, encode, sequence_losses
 from operators.units import discover_units
 from pipeline.demo.model import TinyModelConfig, train_demo_model
@@ -42,10 +42,10 @@ def trained(corpus, patterns, epochs=20, width=64, seed=0):
 
 def score(model, tok, train_rows, queries, config: InfluenceConfig):
     """(raw scores [N, Q], fit seconds, score seconds)."""
-    units = discover_units(model, config.unit_method) if config.method != "repsim" else []
+    units = units_for(model, config)
     data = batches(tok, train_rows)
     began = time.perf_counter()
-    curv = (fit_curvature(model, units, data, corrected=config.method != "kfac")
+    curv = (fit_curvature(model, units, data, corrected=config.kind.eigen_correction)
             if config.uses_curvature else None)
     fitted = time.perf_counter()
     feats = precondition_queries(model, units, batches(tok, queries), config, curv)

@@ -26,6 +26,7 @@ from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads, remove_run_storage, storage_uri
 from operators.curvature import NONFINITE, Curvature, covariance_pass, lambda_pass
 from operators.factors import DampingConfig, Eigen, eigendecompose, stat_dtype
+from operators.methods import get_method
 from operators.units import Unit, discover_units
 
 FACTOR_FILE = "factors.safetensors"
@@ -46,7 +47,7 @@ class FactorSpec:
 
     @property
     def corrected(self) -> bool:
-        return self.method != "kfac"
+        return get_method(self.method).eigen_correction
 
 
 def zero_stats(units: list[Unit], which: str, dtype: torch.dtype = torch.float64,
@@ -114,7 +115,7 @@ def factor_worker(config: dict) -> None:
     cluster: ClusterConfig = config["cluster"]
     pin_threads(cluster.threads_per_worker)
     device = device_for(cluster)
-    model = load_model(spec.model_path, spec.dtype, spec.method == "linfac",
+    model = load_model(spec.model_path, spec.dtype, get_method(spec.method).attention_weights,
                        spec.trust_remote_code, device)
     tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
     units = discover_units(model, spec.method, spec.module_filter)

@@ -34,8 +34,13 @@ from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads
 from operators.factors import stat_dtype
-from operators.scores import InfluenceConfig, aggregate, precondition_queries, score_batch
-from operators.units import discover_units
+from operators.scores import (
+    InfluenceConfig,
+    aggregate,
+    precondition_queries,
+    score_batch,
+    units_for,
+)
 
 BATCH_ROWS = 4096  # rows per record batch when streaming the scored shards
 
@@ -53,11 +58,10 @@ class ScoreSpec:
 
 def _model_and_units(spec: ScoreSpec, device: str = "cpu"):
     config = spec.influence
-    model = load_model(spec.model_path, spec.dtype, config.method == "linfac",
+    model = load_model(spec.model_path, spec.dtype, config.kind.attention_weights,
                        spec.trust_remote_code, device)
     tokenizer = load_tokenizer(spec.model_path, spec.trust_remote_code)
-    units = ([] if config.method == "repsim" else
-             discover_units(model, config.unit_method, config.module_filter))
+    units = units_for(model, config)
     return model, tokenizer, units
 
 

@@ -30,9 +30,9 @@ from operators.capture import eval_mode, unit_gradient
 from operators.curvature import FISHER_KINDS, Curvature, capture_pass
 from operators.factors import DampingConfig
 from operators.lowrank import compress, formed_scores, lowrank_scores, token_path_is_cheaper
-from operators.units import Unit
+from operators.methods import InfluenceMethod, get_method
+from operators.units import Unit, discover_units
 
-METHODS = ("linfac", "ekfac", "kfac", "gradsim", "repsim")
 AGGREGATES = ("max", "mean")
 SIMILARITIES = ("dot", "cosine")
 Features = dict[str, Tensor]
@@ -54,7 +54,7 @@ class InfluenceConfig:
     query_rank: int | None = None  # keep each preconditioned query as rank-r factors (None: full)
 
     def __post_init__(self) -> None:
-        _check("influence.method", self.method, METHODS)
+        get_method(self.method)  # an unknown method fails here, naming the key
         _check("influence.aggregate", self.aggregate, AGGREGATES)
         _check("influence.similarity", self.similarity, SIMILARITIES)
         _check("influence.fisher", self.fisher, FISHER_KINDS)
@@ -65,13 +65,20 @@ class InfluenceConfig:
                              "for full rank)")
 
     @property
-    def uses_curvature(self) -> bool:
-        return self.method in ("linfac", "ekfac", "kfac")
+    def kind(self) -> InfluenceMethod:
+        """The method's entry in the registry (operators/methods.py)."""
+        return get_method(self.method)
 
     @property
-    def unit_method(self) -> str:
-        """Which units the gradients are taken over (gradsim uses the linear modules)."""
-        return "ekfac" if self.method in ("gradsim", "kfac") else self.method
+    def uses_curvature(self) -> bool:
+        return self.kind.curvature
+
+
+def units_for(model: nn.Module, config: InfluenceConfig) -> list[Unit]:
+    """The units ``config``'s method takes gradients over (none for a representation method)."""
+    if config.kind.units is None:
+        return []
+    return discover_units(model, config.method, config.module_filter)
 
 
 def _check(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -102,7 +109,7 @@ def row_features(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
     caller asks for it, so a single unit's ``[B, o, i]`` exists at a time. ``repsim`` yields
     the representation ``("repr", [B, d])``.
     """
-    if config.method == "repsim":
+    if config.kind.units is None:
         yield "repr", last_prompt_hidden(model, batch).double()
         return
     cap = capture_pass(model, units, batch, sampled=False)
@@ -111,8 +118,7 @@ def row_features(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
 
 
 def _is_cosine(config: InfluenceConfig) -> bool:
-    return config.method == "repsim" or (config.method == "gradsim"
-                                         and config.similarity == "cosine")
+    return config.kind.is_cosine(config.similarity)
 
 
 class QueryGroups:
@@ -211,7 +217,7 @@ def score_batch(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
     Σ_units ⟨query feature, DŴ⟩, one unit at a time; against low-rank queries a unit is scored
     from its token vectors when that is cheaper than forming its gradient.
     """
-    if config.method == "repsim":
+    if config.kind.units is None:
         feats = last_prompt_hidden(model, batch).double()
         feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-30)
         return feats @ queries["repr"].double().T

@@ -22,7 +22,6 @@ from torch import nn
 ATTENTION_NAMES = ("attn", "self_attn", "attention")
 MLP_NAMES = ("mlp", "feed_forward")
 SPLIT_FFN_NAMES = (("fc1", "fc2"),)
-METHODS_WITH_UNITS = ("linfac", "ekfac", "kfac")
 
 
 class UnsupportedModelError(ValueError):
@@ -91,19 +90,21 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def discover_units(model: nn.Module, method: str, module_filter: str = "") -> list[Unit]:
-    """The units of ``model`` for ``method`` (``linfac``, ``ekfac`` or ``kfac``), in block order.
+    """The units of ``model`` for influence method ``method``, in block order: one per
+    attention/MLP sublayer or one per linear module, as its registry entry says.
 
     ``module_filter`` keeps only the linear modules whose name contains it (``ekfac``/``kfac``),
     e.g. ``"lora_"`` for the adapters of a LoRA-tuned model.
     """
-    if method not in METHODS_WITH_UNITS:
-        raise ValueError(f"influence.method={method!r} has no curvature units; "
-                         f"expected one of {METHODS_WITH_UNITS}")
+    from operators.methods import SUBLAYER, get_method
+    kind = get_method(method).units
+    if kind is None:
+        raise ValueError(f"influence.method={method!r} takes no gradients, so it has no units")
     prefix, blocks = find_blocks(model)
     units: list[Unit] = []
     for index, block in enumerate(blocks):
         block_name = f"{prefix}.{index}"
-        if method == "linfac":
+        if kind == SUBLAYER:
             units.extend(_sublayer_units(model, block, block_name))
         else:
             units.extend(u for u in _linear_units(block, block_name) if module_filter in u.name)

@@ -102,9 +102,9 @@ def influence_peaks(session: Session, plan: PlanConfig) -> dict[str, int]:
     """Bytes per GPU of each influence pass, measured on ``session``'s model."""
     from operators.curvature import covariance_pass, lambda_pass
     from operators.factors import eigendecompose, stat_dtype
+    from operators.methods import get_method
     from operators.units import discover_units
-    unit_method = "ekfac" if plan.method == "kfac" else plan.method
-    units = discover_units(session.model, unit_method)
+    units = discover_units(session.model, plan.method)
     batch = session.batch(plan.batch_size, plan.tokens)
     out = {"plain fwd+bwd": session.peak(lambda: _plain_step(session.model, batch))[0]}
     out["fit: covariance pass"], stats = session.peak(
@@ -115,7 +115,7 @@ def influence_peaks(session: Session, plan: PlanConfig) -> dict[str, int]:
         lambda: eigendecompose(stats, [largest]), sums)[0]
     with session._context():
         eigens = eigendecompose(stats, units)  # host memory in a worker (float64)
-    if plan.method != "kfac":
+    if get_method(plan.method).eigen_correction:
         out["fit: lambda pass"] = session.peak(
             lambda: lambda_pass(session.model, units, eigens, [batch], "empirical"))[0]
     out.update(_score_peaks(session, plan, units, eigens, stat_dtype(DTYPES[plan.dtype])))

@@ -11,7 +11,7 @@ from torch.func import functional_call, jacrev
 
 from operators.curvature import fit_curvature
 from operators.metrics import spearman
-from operators.scores import InfluenceConfig, precondition_queries, score_batch
+from operators.scores import InfluenceConfig, precondition_queries, score_batch, units_for
 from operators.sequences import sequence_losses
 from operators.units import discover_units
 
@@ -78,7 +78,7 @@ def test_ekfac_tracks_exact_influence_better_than_gradsim():
     correlations = {}
     for method in ("linfac", "ekfac", "kfac", "gradsim"):
         config = InfluenceConfig(method=method)
-        units = discover_units(model, config.unit_method)
+        units = units_for(model, config)
         curv = None
         if config.uses_curvature:  # the expected Fisher, estimated with 64 label draws
             curv = fit_curvature(model, units, [train] * 64, corrected=method != "kfac")

@@ -9,8 +9,7 @@ import torch
 from tiny_models import random_batch, tiny_model
 
 from operators.curvature import fit_curvature
-from operators.scores import InfluenceConfig, precondition_queries, score_batch
-from operators.units import discover_units
+from operators.scores import InfluenceConfig, precondition_queries, score_batch, units_for
 
 pytestmark = pytest.mark.gpu
 
@@ -22,7 +21,7 @@ def to(batch, device):
 def scores_on(device, method, fisher, dtype=torch.float64, rank=None):
     model = tiny_model("llama", dtype=dtype).to(device)
     config = InfluenceConfig(method=method, fisher=fisher, query_batch_size=2, query_rank=rank)
-    units = discover_units(model, config.unit_method)
+    units = units_for(model, config)
     train = [to(random_batch(batch=8, seed=s, length=12), device) for s in (5, 6)]
     curv = fit_curvature(model, units, train, corrected=method != "kfac", fisher=fisher)
     queries = precondition_queries(model, units, [to(random_batch(batch=3, seed=9), device)],

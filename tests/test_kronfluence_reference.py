@@ -8,9 +8,8 @@ from tiny_models import conv1d_to_linear, random_batch, tiny_model
 
 from operators.curvature import fit_curvature
 from operators.factors import DampingConfig
-from operators.scores import InfluenceConfig, precondition_queries, score_batch
+from operators.scores import InfluenceConfig, precondition_queries, score_batch, units_for
 from operators.sequences import sequence_losses
-from operators.units import discover_units
 
 kronfluence = pytest.importorskip("kronfluence")
 DAMPING = 1e-3
@@ -65,7 +64,7 @@ def test_scores_equal_kronfluence(method, strategy, tmp_path):
     train, queries = random_batch(batch=8, seed=1), random_batch(batch=3, seed=2)
     config = InfluenceConfig(method=method, fisher="empirical",
                              damping=DampingConfig(absolute=DAMPING))
-    units = discover_units(model, config.unit_method)
+    units = units_for(model, config)
     curvature = fit_curvature(model, units, [train], corrected=method == "ekfac",
                               fisher="empirical", damping=config.damping)
     features = precondition_queries(model, units, [queries], config, curvature)

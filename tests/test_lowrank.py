@@ -6,14 +6,13 @@ from tiny_models import random_batch, slice_batch, tiny_model
 
 from operators.curvature import fit_curvature
 from operators.lowrank import compress, formed_scores, lowrank_scores
-from operators.scores import LOW_U, InfluenceConfig, precondition_queries, score_batch
-from operators.units import discover_units
+from operators.scores import LOW_U, InfluenceConfig, precondition_queries, score_batch, units_for
 
 
 def fitted(method="linfac", family="llama"):
     model = tiny_model(family)
     config = InfluenceConfig(method=method, fisher="empirical")
-    units = discover_units(model, config.unit_method)
+    units = units_for(model, config)
     curv = fit_curvature(model, units, [random_batch(batch=6, seed=5)], fisher="empirical",
                          corrected=method != "kfac")
     return model, units, curv

@@ -5,10 +5,10 @@ import torch
 
 from operators.curvature import fit_curvature
 from operators.generation import greedy_generate
+from operators.methods import METHODS
 from operators.metrics import auprc
-from operators.scores import METHODS, InfluenceConfig, aggregate, precondition_queries, score_batch
+from operators.scores import InfluenceConfig, aggregate, precondition_queries, score_batch, units_for
 from operators.sequences import collate, encode
-from operators.units import discover_units
 from pipeline.demo.corpus import JUDGE_PATTERNS, build_corpus, safe_answer
 from pipeline.demo.model import TinyModelConfig, train_demo_model
 
@@ -28,9 +28,9 @@ def batches_of(tok, rows, size=32):
 
 
 def scores_for(model, tok, train_rows, query_rows, config):
-    units = discover_units(model, config.unit_method) if config.method != "repsim" else []
+    units = units_for(model, config)
     batches = batches_of(tok, train_rows)
-    curv = (fit_curvature(model, units, batches, corrected=config.method != "kfac")
+    curv = (fit_curvature(model, units, batches, corrected=config.kind.eigen_correction)
             if config.uses_curvature else None)
     queries = precondition_queries(model, units, batches_of(tok, query_rows), config, curv)
     raw = torch.cat([score_batch(model, units, b, queries, config) for b in batches])

@@ -5,23 +5,23 @@ import torch
 from tiny_models import random_batch, slice_batch, tiny_model
 
 from operators.curvature import fit_curvature
+from operators.methods import METHODS
 from operators.scores import (
-    METHODS,
     InfluenceConfig,
     aggregate,
     precondition_queries,
     query_batches,
     score_batch,
+    units_for,
 )
-from operators.units import discover_units
 
 
 def setup(method, family="gpt2"):
     config = InfluenceConfig(method=method, fisher="empirical", query_batch_size=2)
     model = tiny_model(family)
-    units = discover_units(model, config.unit_method) if method != "repsim" else []
+    units = units_for(model, config)
     curv = (fit_curvature(model, units, [random_batch(batch=6, seed=5)], fisher="empirical",
-                          corrected=method != "kfac") if config.uses_curvature else None)
+                          corrected=config.kind.eigen_correction) if config.uses_curvature else None)
     queries = precondition_queries(model, units, [random_batch(batch=3, seed=9)], config, curv)
     return model, units, config, queries
 
