@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from operators.chat import TEMPLATES, Turns
+from operators.errors import UserError
 from operators.sequences import Encoded, collate, encode, sample_seed
 
 # The conversation before the response (a JSON list of {role, content}), written by
@@ -30,9 +31,9 @@ class TokenizeConfig:
 
     def __post_init__(self) -> None:
         if int(self.max_length) < 2:  # a prompt token and a response token at least
-            raise ValueError(f"model.max_length={self.max_length}: must be >= 2")
+            raise UserError(f"model.max_length={self.max_length}: must be >= 2")
         if self.template not in TEMPLATES:
-            raise ValueError(f"data.template={self.template!r}: expected one of {TEMPLATES}")
+            raise UserError(f"data.template={self.template!r}: expected one of {TEMPLATES}")
 
 
 def text_columns(names) -> list[str]:
@@ -55,7 +56,7 @@ def encode_row(tokenizer, config: TokenizeConfig, prompt, response, turns=None) 
 
     def __post_init__(self) -> None:
         if int(self.max_length) < 2:  # a prompt token and a response token at least
-            raise ValueError(f"model.max_length={self.max_length}: must be >= 2")
+            raise UserError(f"model.max_length={self.max_length}: must be >= 2")
 
 
 def to_tensors(columns: dict[str, np.ndarray], tokenizer, config: TokenizeConfig,

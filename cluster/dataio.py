@@ -28,6 +28,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from operators.errors import UserError
+
 FORMATS = ("prompt_response", "hh_rlhf", "beavertails")
 SUFFIXES = (".parquet", ".jsonl", ".json")
 ASSISTANT = "\n\nAssistant:"
@@ -36,7 +38,7 @@ TURNS = "prompt_turns"  # the same name as ``cluster.batches.TURNS``
 CHUNK_ROWS = 8192  # rows turned into Arrow at a time when writing
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Unusable input data; the message names file, row and column (or config key)."""
 
 

@@ -7,15 +7,17 @@ from pathlib import Path
 
 import torch
 
+from operators.errors import UserError
+
 
 def read_ds_config(path: str | Path) -> dict:
     """Read a DeepSpeed JSON config on the driver (workers may run in another folder)."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError as err:
-        raise ValueError(f"ibo.deepspeed_config={path}: no such file") from err
+        raise UserError(f"ibo.deepspeed_config={path}: no such file") from err
     except json.JSONDecodeError as err:
-        raise ValueError(f"ibo.deepspeed_config={path}: not valid JSON ({err})") from err
+        raise UserError(f"ibo.deepspeed_config={path}: not valid JSON ({err})") from err
 
 
 def resolve_ds_config(config: dict, use_gpu: bool, dtype: str = "float32") -> dict:

@@ -21,6 +21,7 @@ import torch
 from cluster.batches import TURNS, TokenizeConfig, to_tensors, turns_of
 from cluster.model_io import load_model, load_tokenizer
 from cluster.runtime import ClusterConfig, device_for, pin_threads
+from operators.errors import UserError
 from operators.generation import context_limit, greedy_generate
 from operators.metrics import perplexity
 from operators.sequences import sequence_losses
@@ -41,7 +42,7 @@ class EvalSpec:
 
     def __post_init__(self) -> None:
         if self.clean_prompts < 0:
-            raise ValueError(f"eval.clean_prompts={self.clean_prompts}: must be >= 0")
+            raise UserError(f"eval.clean_prompts={self.clean_prompts}: must be >= 0")
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from cluster.deepspeed_strategy import DeepSpeedStrategy, read_ds_config, resolv
 from cluster.ibo_objectives import ObjectiveConfig, Reference, step_loss
 from cluster.model_io import load_model, load_tokenizer
 from cluster.runtime import ClusterConfig, device_for, pin_threads, remove_run_storage, storage_uri
+from operators.errors import UserError
 
 MODEL_DIR = "model"
 CURVE = "curve.jsonl"  # one line of metrics per step (``step`` included), rank 0's
@@ -41,13 +42,13 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if self.save not in ("merged", "adapter"):
-            raise ValueError(f"ibo.lora.save={self.save!r}: expected merged or adapter")
+            raise UserError(f"ibo.lora.save={self.save!r}: expected merged or adapter")
         if int(self.r) < 1:
-            raise ValueError(f"ibo.lora.r={self.r}: must be >= 1")
+            raise UserError(f"ibo.lora.r={self.r}: must be >= 1")
         if not self.alpha > 0:
-            raise ValueError(f"ibo.lora.alpha={self.alpha}: must be > 0")
+            raise UserError(f"ibo.lora.alpha={self.alpha}: must be > 0")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"ibo.lora.dropout={self.dropout}: must be in [0, 1)")
+            raise UserError(f"ibo.lora.dropout={self.dropout}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,9 @@ class IBOSpec:
     def __post_init__(self) -> None:
         for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if int(getattr(self, key)) < 1:
-                raise ValueError(f"ibo.{key}={getattr(self, key)}: must be >= 1")
+                raise UserError(f"ibo.{key}={getattr(self, key)}: must be >= 1")
         if not self.lr > 0:
-            raise ValueError(f"ibo.lr={self.lr}: must be > 0")
+            raise UserError(f"ibo.lr={self.lr}: must be > 0")
 
 
 def _take(rows: list[dict], step: int, size: int) -> list[dict]:
@@ -122,7 +123,7 @@ def ibo_worker(config: dict) -> None:
             for name in spec.objective.objective.datasets}
     empty = [name for name, r in rows.items() if not r]
     if empty:
-        raise ValueError(f"worker {world()[0]} got no rows of {empty}: fewer samples than "
+        raise UserError(f"worker {world()[0]} got no rows of {empty}: fewer samples than "
                          "cluster.num_workers")
     ref = _reference(spec, tokenizer, rows, device)
     ds_config = resolve_ds_config(config["ds_config"], cluster.use_gpu, spec.dtype)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from cluster.batches import TokenizeConfig, to_tensors
 from cluster.ibo_reference import Reference, logits_of, seq_logp_of, side
+from operators.errors import UserError
 from operators.ibo_loss import (
     IBOLossConfig,
     ascent_loss,
@@ -46,7 +47,7 @@ class ObjectiveConfig:
     def __post_init__(self) -> None:
         get_objective(self.method)  # an unknown method fails here, naming the key
         if int(self.bregman_topk) < 1:
-            raise ValueError(f"ibo.bregman_topk={self.bregman_topk}: must be >= 1")
+            raise UserError(f"ibo.bregman_topk={self.bregman_topk}: must be >= 1")
 
     @property
     def objective(self) -> Objective:
@@ -115,14 +116,14 @@ OBJECTIVES: dict[str, Objective] = {}
 def register(objective: Objective) -> Objective:
     """Add a method to the registry (its name must be new)."""
     if objective.name in OBJECTIVES:
-        raise ValueError(f"ibo.method={objective.name!r} is already registered")
+        raise UserError(f"ibo.method={objective.name!r} is already registered")
     OBJECTIVES[objective.name] = objective
     return objective
 
 
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
-        raise ValueError(f"ibo.method={name!r}: expected one of {tuple(OBJECTIVES)}")
+        raise UserError(f"ibo.method={name!r}: expected one of {tuple(OBJECTIVES)}")
     return OBJECTIVES[name]
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from operators.errors import UserError
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
 
@@ -16,7 +18,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentenc
                    "vocab.json", "vocab.txt", "tiktoken.model")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """The model directory is missing, incomplete, corrupt or of an unsupported architecture."""
 
 

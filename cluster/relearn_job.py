@@ -18,6 +18,7 @@ from cluster.batches import rows_to_columns, to_tensors
 from cluster.eval_job import EvalSpec, captured_warnings, generate
 from cluster.model_io import load_model, load_tokenizer
 from cluster.runtime import ClusterConfig, device_for, pin_threads
+from operators.errors import UserError
 from operators.ibo_loss import nll_loss
 from operators.sequences import sequence_log_probs
 
@@ -34,11 +35,11 @@ class RelearnSpec:
 
     def __post_init__(self) -> None:
         if any(int(k) < 1 for k in self.steps):
-            raise ValueError(f"eval.relearn_steps={list(self.steps)}: every k must be >= 1")
+            raise UserError(f"eval.relearn_steps={list(self.steps)}: every k must be >= 1")
         if self.samples < 1:
-            raise ValueError(f"eval.relearn_samples={self.samples}: must be >= 1")
+            raise UserError(f"eval.relearn_samples={self.samples}: must be >= 1")
         if self.lr <= 0 or self.batch_size < 1:
-            raise ValueError(f"ibo.lr={self.lr}, ibo.batch_size={self.batch_size}: relearning "
+            raise UserError(f"ibo.lr={self.lr}, ibo.batch_size={self.batch_size}: relearning "
                              "needs lr > 0 and batch_size >= 1")
 
 

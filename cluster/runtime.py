@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from operators.errors import UserError
+
 # Every Ray worker process we start inherits these.
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 # Ray's single-machine mode (every address 127.0.0.1): only for a local Ray of our own; the
@@ -42,22 +44,22 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
-            raise ValueError(f"cluster.num_workers={self.num_workers}: must be >= 1")
+            raise UserError(f"cluster.num_workers={self.num_workers}: must be >= 1")
         if self.batch_size < 1:
-            raise ValueError(f"cluster.batch_size={self.batch_size}: must be >= 1")
+            raise UserError(f"cluster.batch_size={self.batch_size}: must be >= 1")
         if not self.cpus_per_worker > 0:
-            raise ValueError(f"cluster.cpus_per_worker={self.cpus_per_worker}: must be > 0")
+            raise UserError(f"cluster.cpus_per_worker={self.cpus_per_worker}: must be > 0")
         if not self.gpus_per_worker >= 0:
-            raise ValueError(f"cluster.gpus_per_worker={self.gpus_per_worker}: must be >= 0")
+            raise UserError(f"cluster.gpus_per_worker={self.gpus_per_worker}: must be >= 0")
         if self.threads_per_worker < 1:
-            raise ValueError(f"cluster.threads_per_worker={self.threads_per_worker}: must be >= 1")
+            raise UserError(f"cluster.threads_per_worker={self.threads_per_worker}: must be >= 1")
         if self.local_cpus is not None and self.local_cpus < 1:
-            raise ValueError(f"cluster.local_cpus={self.local_cpus}: must be >= 1 or null")
+            raise UserError(f"cluster.local_cpus={self.local_cpus}: must be >= 1 or null")
         if not self.autoscale_timeout_s > 0:
-            raise ValueError(f"cluster.autoscale_timeout_s={self.autoscale_timeout_s}: must be > 0")
+            raise UserError(f"cluster.autoscale_timeout_s={self.autoscale_timeout_s}: must be > 0")
         strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
         if self.placement_strategy not in strategies:
-            raise ValueError(f"cluster.placement_strategy={self.placement_strategy!r}: expected "
+            raise UserError(f"cluster.placement_strategy={self.placement_strategy!r}: expected "
                              f"one of {strategies}")
 
     def actor_options(self) -> dict:

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from cluster.runtime import ClusterConfig, pin_threads
 from cluster.scoring import Scorer, ScoreSpec, precondition
+from operators.errors import UserError
 
 FEATURES = "features.safetensors"
 RAW = "raw"
@@ -33,7 +34,7 @@ def plan_shards(train: Path, shard_rows: int, workers: int = 1) -> list[tuple[in
     equal sizes, and at least ``workers`` of them (when there are as many rows), so a corpus
     smaller than one shard still keeps every worker busy."""
     if shard_rows < 1:
-        raise ValueError(f"cluster.score_shard_rows={shard_rows}: must be >= 1")
+        raise UserError(f"cluster.score_shard_rows={shard_rows}: must be >= 1")
     total = pq.ParquetFile(train).metadata.num_rows
     count = max(-(-total // shard_rows), min(workers, total))
     size = -(-total // count) if count else 1

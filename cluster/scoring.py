@@ -33,6 +33,7 @@ from cluster.factor_job import load_curvature
 from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads
+from operators.errors import UserError
 from operators.factors import stat_dtype
 from operators.scores import (
     InfluenceConfig,
@@ -77,7 +78,7 @@ def precondition(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | Non
     if spec.influence.uses_curvature:
         curvature, names = load_curvature(factor_dir)
         if names != [u.name for u in units]:
-            raise ValueError(f"factors in {factor_dir} were fitted for other units than "
+            raise UserError(f"factors in {factor_dir} were fitted for other units than "
                              f"influence.method={spec.influence.method} on this model")
         curvature = curvature.to(device, stat_dtype(DTYPES[spec.dtype]))
     batches = (to_tensors(cols, tokenizer, spec.tokenize, device)

@@ -8,6 +8,8 @@ evaluation and generation all go through ``prompt_ids`` / ``chat_split`` so they
 
 from __future__ import annotations
 
+from operators.errors import UserError
+
 TEMPLATES = ("auto", "plain")
 Turns = list[dict[str, str]]  # chat turns: {"role": "user" | "assistant" | "system", "content"}
 
@@ -15,7 +17,7 @@ Turns = list[dict[str, str]]  # chat turns: {"role": "user" | "assistant" | "sys
 def uses_chat_template(tokenizer, template: str = "auto") -> bool:
     """Whether samples are formatted as chat turns: ``auto`` and a tokenizer with a template."""
     if template not in TEMPLATES:
-        raise ValueError(f"data.template={template!r}: expected one of {TEMPLATES}")
+        raise UserError(f"data.template={template!r}: expected one of {TEMPLATES}")
     return template == "auto" and bool(getattr(tokenizer, "chat_template", None))
 
 

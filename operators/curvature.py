@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from operators.capture import Capture, eval_mode, unit_gradients
+from operators.errors import UserError
 from operators.factors import (
     DampingConfig,
     Eigen,
@@ -202,7 +203,7 @@ def fit_curvature(model: nn.Module, units: list[Unit], batches: list[dict[str, T
                   damping: DampingConfig = DampingConfig(), seed: int = 0) -> Curvature:
     """Single-process fit: both passes over an in-memory list of batches."""
     if fisher not in FISHER_KINDS:
-        raise ValueError(f"influence.fisher={fisher!r}: expected one of {FISHER_KINDS}")
+        raise UserError(f"influence.fisher={fisher!r}: expected one of {FISHER_KINDS}")
     stats = covariance_pass(model, units, batches, fisher, seed)
     eigens = eigendecompose(stats, units)
     lam = lambda_pass(model, units, eigens, batches, fisher, seed + 1) if corrected else None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from operators.errors import UserError
 from operators.units import Unit
 
 FactorDict = dict[str, Tensor]
@@ -34,9 +35,9 @@ class DampingConfig:
 
     def __post_init__(self) -> None:
         if not self.relative >= 0:  # `not >=` also refuses NaN
-            raise ValueError(f"influence.damping={self.relative}: must be >= 0")
+            raise UserError(f"influence.damping={self.relative}: must be >= 0")
         if self.absolute is not None and not self.absolute >= 0:
-            raise ValueError(f"influence.damping_absolute={self.absolute}: must be >= 0 or null")
+            raise UserError(f"influence.damping_absolute={self.absolute}: must be >= 0 or null")
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

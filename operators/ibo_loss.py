@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from operators.errors import UserError
+
 
 @dataclass(frozen=True)
 class IBOLossConfig:
@@ -34,11 +36,11 @@ class IBOLossConfig:
 
     def __post_init__(self) -> None:
         if not self.beta > 0:
-            raise ValueError(f"ibo.beta={self.beta}: must be > 0")
+            raise UserError(f"ibo.beta={self.beta}: must be > 0")
         if not self.gamma >= 0:
-            raise ValueError(f"ibo.gamma={self.gamma}: must be >= 0")
+            raise UserError(f"ibo.gamma={self.gamma}: must be >= 0")
         if not 0 <= self.delta < float("inf"):
-            raise ValueError(f"ibo.delta={self.delta}: must be finite and >= 0")
+            raise UserError(f"ibo.delta={self.delta}: must be finite and >= 0")
 
 
 def correction_loss(policy_pos: Tensor, policy_neg: Tensor, ref_pos: Tensor, ref_neg: Tensor,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from operators.errors import UserError
+
 SUBLAYER, LINEAR = "sublayer", "linear"
 
 
@@ -60,5 +62,5 @@ register(InfluenceMethod("repsim", None, curvature=False, cosine=True))
 def get_method(name: str) -> InfluenceMethod:
     """The method called ``name``; an unknown name fails naming the config key."""
     if name not in METHODS:
-        raise ValueError(f"influence.method={name!r}: expected one of {tuple(METHODS)}")
+        raise UserError(f"influence.method={name!r}: expected one of {tuple(METHODS)}")
     return METHODS[name]

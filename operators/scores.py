@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from operators.capture import eval_mode, unit_gradient
 from operators.curvature import FISHER_KINDS, Curvature, capture_pass
+from operators.errors import UserError
 from operators.factors import DampingConfig
 from operators.lowrank import compress, formed_scores, lowrank_scores, token_path_is_cheaper
 from operators.methods import InfluenceMethod, get_method
@@ -59,9 +60,9 @@ class InfluenceConfig:
         _check("influence.similarity", self.similarity, SIMILARITIES)
         _check("influence.fisher", self.fisher, FISHER_KINDS)
         if int(self.query_batch_size) < 1:
-            raise ValueError(f"influence.query_batch_size={self.query_batch_size}: must be >= 1")
+            raise UserError(f"influence.query_batch_size={self.query_batch_size}: must be >= 1")
         if self.query_rank is not None and int(self.query_rank) < 1:
-            raise ValueError(f"influence.query_rank={self.query_rank}: must be >= 1 (or empty "
+            raise UserError(f"influence.query_rank={self.query_rank}: must be >= 1 (or empty "
                              "for full rank)")
 
     @property
@@ -83,7 +84,7 @@ def units_for(model: nn.Module, config: InfluenceConfig) -> list[Unit]:
 
 def _check(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{key}={value!r}: expected one of {allowed}")
+        raise UserError(f"{key}={value!r}: expected one of {allowed}")
 
 
 def query_batches(n_queries: int, batch_size: int) -> list[list[int]]:
@@ -131,7 +132,7 @@ class QueryGroups:
 
     def __init__(self, config: InfluenceConfig, curvature: Curvature | None) -> None:
         if config.uses_curvature and curvature is None:
-            raise ValueError(f"influence.method={config.method} needs fitted factors")
+            raise UserError(f"influence.method={config.method} needs fitted factors")
         self.config, self.curvature = config, curvature
         self.rows = 0
         self.counts: dict[int, int] = {}
@@ -175,7 +176,7 @@ class QueryGroups:
             for name in list(sums):
                 self._finish(group, name)
         if not self.done:
-            raise ValueError("no influence queries to precondition")
+            raise UserError("no influence queries to precondition")
         groups = sorted(self.done)
         if _is_cosine(self.config):
             for group in groups:

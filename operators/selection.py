@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from operators.errors import UserError
+
 POSITIVE, NEGATIVE, NEUTRAL, EXCLUDED = "positive", "negative", "neutral", "excluded"
 
 
@@ -25,9 +27,9 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         if not (0.0 < float(self.alpha) <= 1.0):
-            raise ValueError(f"influence.alpha={self.alpha}: must be in (0, 1]")
+            raise UserError(f"influence.alpha={self.alpha}: must be in (0, 1]")
         if not (0.0 < float(self.max_fraction) < 1.0):
-            raise ValueError(f"influence.max_fraction={self.max_fraction}: must be in (0, 1)")
+            raise UserError(f"influence.max_fraction={self.max_fraction}: must be in (0, 1)")
 
 
 def _pareto_prefix(values: np.ndarray, alpha: float, cap: int) -> np.ndarray:
@@ -52,7 +54,7 @@ def select_sets(scores: np.ndarray, config: SelectionConfig) -> np.ndarray:
         chosen = idx[_pareto_prefix(sign * scores[idx], config.alpha, cap)]
         sets[chosen] = label
     if not (sets == NEUTRAL).any():
-        raise ValueError("no neutral samples remain for the Bregman term: lower "
+        raise UserError("no neutral samples remain for the Bregman term: lower "
                          "influence.max_fraction or influence.alpha")
     return sets
 
@@ -66,7 +68,7 @@ def make_pairs(scores: np.ndarray, sets: np.ndarray, seed: int = 0
     pos = [int(i) for i in np.nonzero(sets == POSITIVE)[0]]
     neg = [int(i) for i in np.nonzero(sets == NEGATIVE)[0]]
     if not pos or not neg:
-        raise ValueError(f"IBO needs both influence sets; got {len(pos)} positive and "
+        raise UserError(f"IBO needs both influence sets; got {len(pos)} positive and "
                          f"{len(neg)} negative samples (try a larger influence.alpha, or "
                          "ibo.method=pbo which needs only the positive set)")
     rng = random.Random(seed)

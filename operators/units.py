@@ -19,12 +19,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from operators.errors import UserError
+
 ATTENTION_NAMES = ("attn", "self_attn", "attention")
 MLP_NAMES = ("mlp", "feed_forward")
 SPLIT_FFN_NAMES = (("fc1", "fc2"),)
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The model has no Transformer blocks this module knows how to cut into units."""
 
 
@@ -99,7 +101,7 @@ def discover_units(model: nn.Module, method: str, module_filter: str = "") -> li
     from operators.methods import SUBLAYER, get_method
     kind = get_method(method).units
     if kind is None:
-        raise ValueError(f"influence.method={method!r} takes no gradients, so it has no units")
+        raise UserError(f"influence.method={method!r} takes no gradients, so it has no units")
     prefix, blocks = find_blocks(model)
     units: list[Unit] = []
     for index, block in enumerate(blocks):

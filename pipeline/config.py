@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
+from operators.errors import UserError
 from pipeline.judge import REFUSAL_PATTERNS
 
 # model.max_length for the user's own model unless set (conf/model/hf.yaml says the same).
@@ -260,10 +261,10 @@ def resolve_defaults(cfg: LancetConf) -> LancetConf:
     demo = not cfg.data.train
     cfg.model.max_length = max_length_of(cfg)
     if demo and cfg.model.path:
-        raise ValueError(f"model.path={cfg.model.path}: data.train is empty (the demo builds its "
+        raise UserError(f"model.path={cfg.model.path}: data.train is empty (the demo builds its "
                          "own model); give data.train and data.queries with your model")
     if not demo and cfg.judge.demo and cfg.data.eval:
-        raise ValueError("judge: the demo's keyword judge only judges the demo; for data.eval "
+        raise UserError("judge: the demo's keyword judge only judges the demo; for data.eval "
                          "give judge=keyword 'judge.patterns=[...]' or judge=classifier "
                          "judge.path=...")
     return cfg

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from operators.errors import UserError
 from pipeline import records
 from pipeline.config import LancetConf
 from pipeline.content import content_fingerprints
@@ -101,7 +102,7 @@ def select_until(stages: list[Stage], until: str) -> list[Stage]:
         return stages
     names = [s.name for s in stages]
     if until not in names:
-        raise ValueError(f"pipeline.until={until!r}: expected one of {names}")
+        raise UserError(f"pipeline.until={until!r}: expected one of {names}")
     by_name = {s.name: s for s in stages}
     needed: set[str] = set()
     todo = [until]

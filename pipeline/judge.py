@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from operators.errors import UserError
+
 # Common refusal openings (straight or curly apostrophes), then the demo's refusal wording
 # ("i can not help with that . … please talk to someone .", pipeline/demo/corpus.py).
 REFUSAL_PATTERNS = (
@@ -30,15 +32,15 @@ class JudgeConfig:
     def __post_init__(self) -> None:
         _check_patterns("judge.refusal_patterns", self.refusal_patterns)
         if self.kind not in ("keyword", "classifier"):
-            raise ValueError(f"judge.kind={self.kind!r}: expected keyword or classifier")
+            raise UserError(f"judge.kind={self.kind!r}: expected keyword or classifier")
         if self.kind == "keyword":
             if not self.patterns:
-                raise ValueError("judge.patterns is empty: give at least one pattern")
+                raise UserError("judge.patterns is empty: give at least one pattern")
             _check_patterns("judge.patterns", self.patterns)
         if not 0 <= self.threshold <= 1:
-            raise ValueError(f"judge.threshold={self.threshold}: must be in [0, 1]")
+            raise UserError(f"judge.threshold={self.threshold}: must be in [0, 1]")
         if self.kind == "classifier" and not self.path:
-            raise ValueError("judge.path is empty: a classifier judge needs a model directory")
+            raise UserError("judge.path is empty: a classifier judge needs a model directory")
 
 
 def _check_patterns(key: str, patterns: tuple[str, ...]) -> None:
@@ -46,7 +48,7 @@ def _check_patterns(key: str, patterns: tuple[str, ...]) -> None:
         try:
             re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"{key}: {pattern!r} is not a valid regular expression ({err})"
+            raise UserError(f"{key}: {pattern!r} is not a valid regular expression ({err})"
                              ) from err
 
 

@@ -11,11 +11,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cluster.dataio import DataError
-from cluster.model_io import ModelLoadError
 from cluster.runtime import connect
 from cluster.tracking import Tracker
-from operators.units import UnsupportedModelError
+from operators.errors import UserError
 from pipeline import specs
 from pipeline.config import LancetConf, to_typed
 from pipeline.dag import run_dag, select_until
@@ -25,7 +23,7 @@ from pipeline.stages.table import CLUSTER_STAGES, STAGES
 from pipeline.summary import summary
 
 log = logging.getLogger("lancet")
-USER_ERRORS = (DataError, ModelLoadError, UnsupportedModelError, ValueError, FileNotFoundError)
+USER_ERRORS = (UserError, FileNotFoundError)
 
 
 # Overrides that say where, not what: left out of the parent run's name.
@@ -122,15 +120,26 @@ def _report(err: Exception) -> int:
 
 
 def _user_cause(err: BaseException) -> BaseException | None:
-    """A user error raised inside a Ray worker arrives wrapped; find it in the chain."""
+    """A user error raised inside a Ray worker arrives wrapped; find it in the chain, or (when
+    Ray Train passed on only its text) by the name of its class in the message."""
     seen = err
     while seen is not None:
         if isinstance(seen, USER_ERRORS):
             return seen
         seen = seen.__cause__ or seen.__context__
     text = str(err)
-    for kind in ("DataError", "ModelLoadError", "UnsupportedModelError"):
-        if kind in text:
-            line = next((ln for ln in text.splitlines() if kind in ln), text)
-            return ValueError(line.split(f"{kind}: ", 1)[-1])
+    for kind in _user_error_names():
+        if f"{kind}: " in text:
+            line = next((ln for ln in text.splitlines() if f"{kind}: " in ln), text)
+            return UserError(line.split(f"{kind}: ", 1)[-1])
     return None
+
+
+def _user_error_names() -> list[str]:
+    """``UserError`` and every subclass of it, most derived first."""
+    found, todo = [], [UserError]
+    while todo:
+        kind = todo.pop()
+        found.insert(0, kind.__name__)
+        todo.extend(kind.__subclasses__())
+    return found

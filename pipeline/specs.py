@@ -14,6 +14,7 @@ from cluster.model_io import DTYPES
 from cluster.relearn_job import RelearnSpec
 from cluster.runtime import ClusterConfig
 from cluster.scoring import ScoreSpec
+from operators.errors import UserError
 from operators.factors import DampingConfig
 from operators.ibo_loss import IBOLossConfig
 from operators.scores import InfluenceConfig
@@ -119,11 +120,11 @@ def demo_model(cfg: LancetConf):
 def _check_ranges(cfg: LancetConf) -> None:
     """The numeric keys no spec consumes (the others are checked by their spec)."""
     if not 0 < cfg.demo.bad_rate <= 1:
-        raise ValueError(f"demo.bad_rate={cfg.demo.bad_rate}: must be in (0, 1]")
+        raise UserError(f"demo.bad_rate={cfg.demo.bad_rate}: must be in (0, 1]")
     if cfg.judge.max_new_tokens < 1:
-        raise ValueError(f"judge.max_new_tokens={cfg.judge.max_new_tokens}: must be >= 1")
+        raise UserError(f"judge.max_new_tokens={cfg.judge.max_new_tokens}: must be >= 1")
     if cfg.cluster.max_failures < -1:
-        raise ValueError(f"cluster.max_failures={cfg.cluster.max_failures}: must be >= 0 "
+        raise UserError(f"cluster.max_failures={cfg.cluster.max_failures}: must be >= 0 "
                          "(-1: retry forever)")
 
 
@@ -148,9 +149,9 @@ def validate(cfg: LancetConf) -> None:
     from pipeline.judge import judge_config
     judge_config(cfg.judge)
     if cfg.data.format not in FORMATS:
-        raise ValueError(f"data.format={cfg.data.format!r}: expected one of {', '.join(FORMATS)}")
+        raise UserError(f"data.format={cfg.data.format!r}: expected one of {', '.join(FORMATS)}")
     if cfg.model.dtype not in DTYPES:
-        raise ValueError(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
+        raise UserError(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.pipeline.verify not in VERIFY_MODES:
-        raise ValueError(f"pipeline.verify={cfg.pipeline.verify!r}: expected one of "
+        raise UserError(f"pipeline.verify={cfg.pipeline.verify!r}: expected one of "
                          f"{', '.join(VERIFY_MODES)}")

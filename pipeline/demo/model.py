@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from operators.errors import UserError
 from operators.sequences import collate, encode, sequence_losses
 
 SPECIAL = {"pad_token": "[PAD]", "eos_token": "[EOS]", "unk_token": "[UNK]",
@@ -31,11 +32,11 @@ class TinyModelConfig:
     def __post_init__(self) -> None:
         for key in ("width", "layers", "heads", "epochs", "batch_size"):
             if int(getattr(self, key)) < 1:
-                raise ValueError(f"demo.{key}={getattr(self, key)}: must be >= 1")
+                raise UserError(f"demo.{key}={getattr(self, key)}: must be >= 1")
         if self.width % self.heads:
-            raise ValueError(f"demo.width={self.width}: must be a multiple of demo.heads")
+            raise UserError(f"demo.width={self.width}: must be a multiple of demo.heads")
         if not self.lr > 0:
-            raise ValueError(f"demo.lr={self.lr}: must be > 0")
+            raise UserError(f"demo.lr={self.lr}: must be > 0")
 
 
 def train_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:

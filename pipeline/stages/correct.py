@@ -5,6 +5,7 @@ from __future__ import annotations
 from cluster.datasets import read_prepared
 from cluster.ibo_job import run_ibo
 from cluster.runtime import connect
+from operators.errors import UserError
 from pipeline import specs
 from pipeline.dag import StageContext
 from pipeline.stages.influence import storage
@@ -21,7 +22,7 @@ def run(ctx: StageContext) -> dict:
     if missing:
         hint = ("ibo.method=oracle needs data.label_column (ground truth)" if "clean" in missing
                 else "the selection produced no such samples; adjust influence.alpha")
-        raise ValueError(f"ibo.method={spec.objective.method} needs {missing}: {hint}")
+        raise UserError(f"ibo.method={spec.objective.method} needs {missing}: {hint}")
     connect(cluster)
     datasets = {n: read_prepared(select_dir / f"{n}.parquet", cluster) for n in names}
     metrics = run_ibo(datasets, spec, cluster, ctx.out, storage(ctx), cfg.cluster.max_failures)

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from cluster.batches import TURNS, encode_row
 from cluster.dataio import DataError, iter_validated, read_rows, write_parquet_atomic
 from cluster.model_io import check_model_dir, load_model, load_tokenizer
+from operators.errors import UserError
 from operators.generation import greedy_generate
 from operators.sequences import SequenceTooLongError
 from pipeline import specs
@@ -36,7 +37,7 @@ def run(ctx: StageContext) -> dict:
 def _bring_your_own(cfg: LancetConf, out: Path) -> dict:
     """Validate and write the user's data; the corpus streams through (never held whole)."""
     if not cfg.model.path:
-        raise ValueError("model.path is empty: give your model directory with data.train")
+        raise UserError("model.path is empty: give your model directory with data.train")
     check_model_dir(cfg.model.path)
     if not cfg.data.queries:
         raise DataError("data.queries is empty: give the undesirable outputs observed")
