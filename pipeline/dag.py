@@ -22,6 +22,7 @@ from pathlib import Path
 
 from operators.errors import UserError
 from pipeline import records
+from pipeline.artifacts import CATALOG
 from pipeline.config import LancetConf
 from pipeline.content import content_fingerprints
 from pipeline.faults import write_fault
@@ -45,7 +46,8 @@ class Stage:
 
 @dataclass
 class StageContext:
-    """What a stage function sees: typed config, its input folders and its output folder."""
+    """What a stage function sees: typed config, its inputs and its output (as catalog
+    handles, ``pipeline/artifacts.py``), a log, and a work folder."""
 
     cfg: LancetConf
     inputs: dict[str, Path]
@@ -54,6 +56,15 @@ class StageContext:
     # Kept when the stage fails or is killed, removed once it succeeded: a stage that can
     # resume part-way (score, by shard) keeps its finished parts here.
     work: Path | None = None
+    name: str = ""  # the stage's own name, which picks its output's handle
+
+    def input(self, stage: str):
+        """The handle of an upstream stage's published folder."""
+        return CATALOG[stage](self.inputs[stage])
+
+    def output(self):
+        """The handle of this stage's folder (published atomically when the stage ends)."""
+        return CATALOG[self.name](self.out)
 
 
 def _pick(cfg: LancetConf, dotted: str):
@@ -147,7 +158,7 @@ def _compute(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], final: Path
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        metrics = stage.run(StageContext(cfg, inputs, tmp, log, work)) or {}
+        metrics = stage.run(StageContext(cfg, inputs, tmp, log, work, stage.name)) or {}
         metrics[f"time/{stage.name}_s"] = time.perf_counter() - began
         records.write(tmp, {"stage": stage.name, "fingerprint": final.name, "metrics": metrics},
                       verify)

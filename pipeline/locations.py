@@ -38,3 +38,8 @@ def register_resolvers() -> None:
     from omegaconf import OmegaConf
     if not OmegaConf.has_resolver("lancet_home"):
         OmegaConf.register_new_resolver("lancet_home", lancet_home)
+
+
+def ray_storage(cfg) -> str:
+    """Ray Train's storage: the configured shared storage (a folder or a URI), or the cache's."""
+    return cfg.cluster.storage_path or str(Path(cfg.cache_dir) / "_ray_train")

@@ -77,7 +77,8 @@ def test_evaluate_stage_never_loads_a_model_in_the_driver(model_dir, tmp_path, m
     cfg.eval.relearn_steps = [1, 2]  # issue #15: relearning, as a third task
     cfg.cluster.threads_per_worker = 1
     logs: list[str] = []
-    ctx = StageContext(cfg, {"prepare": prepared, "select": select, "ibo": ibo}, out, logs.append)
+    ctx = StageContext(cfg, {"prepare": prepared, "select": select, "ibo": ibo}, out, logs.append,
+                       name="evaluate")
     metrics = evaluate.run(ctx)
     assert {"behavior/undesirable_rate_before", "behavior/undesirable_rate_unseen_after",
             "utility/ppl_before", "utility/ppl_after"} <= set(metrics)

@@ -8,24 +8,23 @@ from cluster.runtime import connect
 from operators.errors import UserError
 from pipeline import specs
 from pipeline.dag import StageContext
-from pipeline.stages.influence import storage
-from pipeline.stages.prepare import model_dir
+from pipeline.locations import ray_storage
 
 
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     cluster = specs.cluster(cfg)
-    spec = specs.ibo_spec(cfg, model_dir(ctx.inputs["prepare"]))
-    select_dir = ctx.inputs["select"] / "select"
+    spec = specs.ibo_spec(cfg, ctx.input("prepare").model_dir())
+    selection = ctx.input("select")
     names = spec.objective.objective.datasets
-    missing = [n for n in names if not (select_dir / f"{n}.parquet").is_file()]
+    missing = [n for n in names if not selection.set_file(n).is_file()]
     if missing:
         hint = ("ibo.method=oracle needs data.label_column (ground truth)" if "clean" in missing
                 else "the selection produced no such samples; adjust influence.alpha")
         raise UserError(f"ibo.method={spec.objective.method} needs {missing}: {hint}")
     connect(cluster)
-    datasets = {n: read_prepared(select_dir / f"{n}.parquet", cluster) for n in names}
-    metrics = run_ibo(datasets, spec, cluster, ctx.out, storage(ctx), cfg.cluster.max_failures)
+    datasets = {n: read_prepared(selection.set_file(n), cluster) for n in names}
+    metrics = run_ibo(datasets, spec, cluster, ctx.out, ray_storage(cfg), cfg.cluster.max_failures)
     ctx.log(f"ibo ({spec.objective.method}): {metrics.get('step', 0)} steps, "
             f"{metrics.get('step_seconds', 0) * 1000:.0f} ms/step, loss {metrics.get('loss', 0):.4f}")
     return {f"ibo/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}

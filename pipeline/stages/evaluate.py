@@ -18,20 +18,18 @@ import torch
 
 from cluster.eval_job import evaluate_models
 from cluster.runtime import connect
-from cluster.selection_io import SCORES_FILE
 from operators.metrics import auprc, distinct_n, recall_at_k
 from pipeline import specs
+from pipeline.artifacts import Selection
 from pipeline.dag import StageContext
 from pipeline.evaluation import judged
 from pipeline.judge import Judge, judge_config
-from pipeline.stages.prepare import model_dir
-
-METRICS_FILE = "metrics.json"
 
 
-def detection(scores_path: Path, label: str) -> dict:
-    table = pq.read_table(scores_path).to_pydict()
-    if not label or label not in table:
+def detection(selection: Selection, label: str) -> dict:
+    """AUPRC and recall@k of the ranking against the ground-truth column ``label``."""
+    table = selection.columns("score", label) if label else {}
+    if label not in table:
         return {}
     scores = [s if s == s else -math.inf for s in table["score"]]
     labels = [bool(x) for x in table[label]]
@@ -79,7 +77,7 @@ def _relearn_metrics(result: dict | None, prompts: list[dict], judge: Judge) -> 
 def _relearn_job(ctx: StageContext, after: str, prompts: list[dict]):
     """(model, spec, rows) of the relearning task, or None (off, or nothing to relearn from)."""
     spec = specs.relearn_spec(ctx.cfg)
-    positive = ctx.inputs["select"] / "select" / "positive.parquet"
+    positive = ctx.input("select").set_file("positive")
     if spec is None or not prompts:
         return None
     if not positive.is_file():
@@ -94,7 +92,7 @@ def _evaluate_on_workers(ctx: StageContext, base: str, prompts, clean) -> dict[s
     cfg = ctx.cfg
     cluster = specs.cluster(cfg)
     connect(cluster)
-    paths = {"before": base, "after": str(ctx.inputs["ibo"] / "model")}
+    paths = {"before": base, "after": str(ctx.input("ibo").model)}
     results = evaluate_models(paths, specs.eval_spec(cfg, base), prompts, clean, cluster,
                               _relearn_job(ctx, paths["after"], prompts))
     for name, result in results.items():
@@ -105,14 +103,13 @@ def _evaluate_on_workers(ctx: StageContext, base: str, prompts, clean) -> dict[s
 
 
 def run(ctx: StageContext) -> dict:
-    cfg, prepared = ctx.cfg, ctx.inputs["prepare"]
+    cfg, prepared, out = ctx.cfg, ctx.input("prepare"), ctx.output()
     torch.manual_seed(cfg.seed)
-    info = json.loads((prepared / "info.json").read_text())
     judge = Judge(judge_config(cfg.judge))
-    prompts = _rows(prepared / "eval.parquet")
-    clean = _rows(prepared / "clean_eval.parquet")
-    metrics = detection(ctx.inputs["select"] / SCORES_FILE, info.get("label_column", ""))
-    results = _evaluate_on_workers(ctx, model_dir(prepared), prompts, clean)
+    prompts = _rows(prepared.eval_prompts)
+    clean = _rows(prepared.clean_eval)
+    metrics = detection(ctx.input("select"), prepared.label_column())
+    results = _evaluate_on_workers(ctx, prepared.model_dir(), prompts, clean)
     before, gens_before = _model_metrics(results["before"], prompts, judge, "before")
     after, gens_after = _model_metrics(results["after"], prompts, judge, "after")
     clean_before, refusals_before = _clean_metrics(results["before"], clean, judge, "before")
@@ -120,12 +117,12 @@ def run(ctx: StageContext) -> dict:
     for part in (before, after, clean_before, clean_after,
                  _relearn_metrics(results.get("relearn"), prompts, judge)):
         metrics.update(part)
-    (ctx.out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    with open(ctx.out / "generations.jsonl", "w") as handle:
+    out.metrics_file.write_text(json.dumps(metrics, indent=2))
+    with open(out.file("generations.jsonl"), "w") as handle:
         for b, a in zip(gens_before, gens_after):
             handle.write(json.dumps({**b, "generation_after": a["generation"],
                                      "flagged_after": a["flagged"]}) + "\n")
-    with open(ctx.out / "clean_generations.jsonl", "w") as handle:
+    with open(out.file("clean_generations.jsonl"), "w") as handle:
         for b, a in zip(refusals_before, refusals_after):
             handle.write(json.dumps({**b, "generation_after": a["generation"],
                                      "refused_after": a["refused"]}) + "\n")

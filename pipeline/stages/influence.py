@@ -17,14 +17,7 @@ from cluster.scoring import finalize
 from pipeline import specs
 from pipeline.dag import StageContext
 from pipeline.fingerprints import data_fingerprint, model_fingerprint
-from pipeline.stages.prepare import model_dir
-
-RANKED = "ranked"  # a folder of ranked shards (cluster.scoring.finalize)
-
-
-def storage(ctx: StageContext) -> str:
-    """Ray Train's storage: configured shared storage (a folder or a URI), or the cache's."""
-    return ctx.cfg.cluster.storage_path or str(Path(ctx.cfg.cache_dir) / "_ray_train")
+from pipeline.locations import ray_storage
 
 
 def rows(path: Path) -> int:
@@ -32,28 +25,28 @@ def rows(path: Path) -> int:
 
 
 def run_fit(ctx: StageContext) -> dict:
-    cfg, prepared = ctx.cfg, ctx.inputs["prepare"]
-    model = model_dir(prepared)
+    cfg, prepared, out = ctx.cfg, ctx.input("prepare"), ctx.output()
+    model = prepared.model_dir()
     method = specs.influence(cfg).method
     meta = {"method": method, "model_fingerprint": model_fingerprint(model),
-            "data_fingerprint": data_fingerprint(prepared / "train.parquet")}
+            "data_fingerprint": data_fingerprint(prepared.train)}
     if not specs.influence(cfg).uses_curvature:
-        (ctx.out / "meta.json").write_text(json.dumps({**meta, "units": []}, indent=2))
+        out.meta.write_text(json.dumps({**meta, "units": []}, indent=2))
         ctx.log(f"influence.method={method} needs no curvature: nothing to fit")
         return {}
     cluster = specs.cluster(cfg)
     connect(cluster)
     spec = specs.factor_spec(cfg, model)
-    train = prepared / "train.parquet"
+    train = prepared.train
     with Progress("fit_factors", passes(spec) * rows(train), ctx.log) as progress:
-        metrics = fit_factors(read_prepared(train, cluster), spec, cluster, ctx.out,
-                              storage(ctx), cfg.cluster.max_failures, progress.counter)
-    units = json.loads((ctx.out / "units.json").read_text())
+        metrics = fit_factors(read_prepared(train, cluster), spec, cluster, out.root,
+                              ray_storage(cfg), cfg.cluster.max_failures, progress.counter)
+    units = json.loads(out.units.read_text())
     meta.update(units=units, counts={"sequences": metrics["sequences"],
                                      "tokens": metrics["tokens"]},
                 dtypes={"factors": "float64", "model": cfg.model.dtype},
                 fisher=cfg.influence.fisher, damping=cfg.influence.damping)
-    (ctx.out / "meta.json").write_text(json.dumps(meta, indent=2))
+    out.meta.write_text(json.dumps(meta, indent=2))
     ctx.log(f"fit_factors: {metrics['sequences']:.0f} sequences, "
             f"{metrics['sequences_per_s']:.1f} seq/s, {metrics['tokens_per_s']:.0f} tokens/s")
     return {f"fit/{k}": v for k, v in metrics.items()}
@@ -61,16 +54,16 @@ def run_fit(ctx: StageContext) -> dict:
 
 def run_score(ctx: StageContext) -> dict:
     """Score the corpus by shard into ``ctx.work`` (kept if killed), then rank (finalize)."""
-    cfg, prepared, work = ctx.cfg, ctx.inputs["prepare"], ctx.work or ctx.out / "_work"
+    cfg, prepared, work = ctx.cfg, ctx.input("prepare"), ctx.work or ctx.out / "_work"
     cluster = specs.cluster(cfg)
-    spec = specs.score_spec(cfg, model_dir(prepared))
-    queries = pq.read_table(prepared / "queries.parquet").to_pylist()
-    train = prepared / "train.parquet"
+    spec = specs.score_spec(cfg, prepared.model_dir())
+    queries = pq.read_table(prepared.queries).to_pylist()
+    train = prepared.train
     shards = plan_shards(train, cfg.cluster.score_shard_rows, cluster.num_workers)
     todo = missing_shards(work, shards)
     ctx.log(f"score: {len(shards) - len(todo)} of {len(shards)} shards reused from {work}")
     metrics = _score_missing(ctx, spec, queries, train, todo, cluster, work)
-    summary = finalize(work / RAW, ctx.out / RANKED, cfg.influence.aggregate)
+    summary = finalize(work / RAW, ctx.output().ranked, cfg.influence.aggregate)
     if summary["nonfinite"]:
         ctx.log(f"WARNING: {summary['nonfinite']} samples had NaN/inf gradients and are "
                 f"excluded: {summary['nonfinite_ids'][:10]}")
@@ -86,7 +79,7 @@ def _score_missing(ctx: StageContext, spec, queries, train: Path, todo, cluster,
     """Score the missing shards (none: no Ray work at all); their throughput."""
     if todo:
         connect(cluster)
-        factors = ctx.inputs["fit_factors"] if spec.influence.uses_curvature else None
+        factors = ctx.input("fit_factors").root if spec.influence.uses_curvature else None
         features = features_in(work, spec, queries, factors, cluster)
         total = sum(stop - start for start, stop in todo)
         with Progress("score", total, ctx.log) as progress:

@@ -8,7 +8,6 @@ token statistics). The demo also writes ``model/``: a tokenizer and a tiny GPT-2
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -19,6 +18,7 @@ from operators.errors import UserError
 from operators.generation import greedy_generate
 from operators.sequences import SequenceTooLongError
 from pipeline import specs
+from pipeline.artifacts import Prepared
 from pipeline.config import LancetConf
 from pipeline.dag import StageContext
 from pipeline.demo.corpus import build_corpus
@@ -30,11 +30,11 @@ from pipeline.specs import tokenize
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     if cfg.data.train:
-        return _bring_your_own(cfg, ctx.out)
-    return _demo(cfg, ctx.out, ctx.log)
+        return _bring_your_own(cfg, ctx.output())
+    return _demo(cfg, ctx.output(), ctx.log)
 
 
-def _bring_your_own(cfg: LancetConf, out: Path) -> dict:
+def _bring_your_own(cfg: LancetConf, out: Prepared) -> dict:
     """Validate and write the user's data; the corpus streams through (never held whole)."""
     if not cfg.model.path:
         raise UserError("model.path is empty: give your model directory with data.train")
@@ -45,9 +45,9 @@ def _bring_your_own(cfg: LancetConf, out: Path) -> dict:
     stats = {"rows": 0, "tokens": 0, "truncated": 0}
     train = _checked(iter_validated(cfg.data.train, cfg.data.format, "data.train"), tokenizer,
                      cfg, "data.train", stats)
-    write_parquet_atomic(train, out / "train.parquet")
+    write_parquet_atomic(train, out.train)
     label = cfg.data.label_column
-    if label and label not in pq.read_schema(out / "train.parquet").names:
+    if label and label not in pq.read_schema(out.train).names:
         raise DataError(f"data.label_column={label!r}: no such column in data.train")
     queries = read_rows(cfg.data.queries, cfg.data.format, "data.queries")
     _check_lengths(queries, tokenizer, cfg, "data.queries")
@@ -80,14 +80,14 @@ def _check_lengths(rows: list[dict], tokenizer, cfg: LancetConf, key: str) -> di
     return stats
 
 
-def _demo(cfg: LancetConf, out: Path, log) -> dict:
+def _demo(cfg: LancetConf, out: Prepared, log) -> dict:
     demo = cfg.demo
     corpus = build_corpus(seed=demo.seed, bad_rate=demo.bad_rate)
     log(f"demo corpus: {len(corpus.train)} samples, "
         f"{sum(r['planted'] for r in corpus.train)} planted")
     model, tok = train_demo_model(corpus.train, [e["prompt"] for e in corpus.eval_prompts],
                                   specs.demo_model(cfg))
-    model_dir = out / "model"
+    model_dir = out.demo_model
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     model = load_model(model_dir)
@@ -105,23 +105,19 @@ def _demo(cfg: LancetConf, out: Path, log) -> dict:
                   "planted", stats)
 
 
-def _write(out: Path, model_path: str | None, train, queries, evals, clean, label, stats) -> dict:
+def _write(out: Prepared, model_path: str | None, train, queries, evals, clean, label, stats
+           ) -> dict:
     """The prepared files (``train=None``: already written) and ``info.json``."""
     if train is not None:
-        write_parquet_atomic(train, out / "train.parquet")
-    write_parquet_atomic(queries, out / "queries.parquet")
+        write_parquet_atomic(train, out.train)
+    write_parquet_atomic(queries, out.queries)
     if evals:
-        write_parquet_atomic(evals, out / "eval.parquet")
+        write_parquet_atomic(evals, out.eval_prompts)
     if clean:
-        write_parquet_atomic(clean, out / "clean_eval.parquet")
+        write_parquet_atomic(clean, out.clean_eval)
     info = {"model_path": model_path, "label_column": label or "", **stats,
             "queries": len(queries), "eval_prompts": len(evals)}
-    (out / "info.json").write_text(json.dumps(info, indent=2))
+    out.info_file.write_text(json.dumps(info, indent=2))
     return {"data/train_rows": stats["rows"], "data/train_tokens": stats["tokens"],
             "data/truncated": stats["truncated"], "data/queries": len(queries)}
 
-
-def model_dir(prepare_out: Path) -> str:
-    """The model θs: the user's directory, or the demo's (relative to the prepare output)."""
-    path = json.loads((prepare_out / "info.json").read_text())["model_path"]
-    return str(prepare_out / "model") if path is None else path

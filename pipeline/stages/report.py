@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
-from cluster.selection_io import SCORES_FILE  # noqa: E402
 from operators.metrics import precision_recall_curve  # noqa: E402
+from pipeline.artifacts import Selection  # noqa: E402
 from pipeline.dag import StageContext  # noqa: E402
-from pipeline.stages.evaluate import METRICS_FILE  # noqa: E402
 
 TOP = 20
 
@@ -107,8 +104,9 @@ def _relearning(metrics, out) -> None:
     plt.close(fig)
 
 
-def _top_table(table, label, out) -> None:
+def _top_table(table, label, selection: Selection, out) -> None:
     rows = sorted(range(len(table["id"])), key=lambda i: table["rank"][i])
+    text = selection.rows_at(rows[:TOP] + rows[::-1][:TOP], "prompt", "response")
     lines = ["# Most influential training samples", "",
              "Positive scores drive the observed behaviour; negative ones inhibit it.", ""]
     for title, chosen in (("Top positive", rows[:TOP]), ("Top negative", rows[::-1][:TOP])):
@@ -118,7 +116,7 @@ def _top_table(table, label, out) -> None:
         for i in chosen:
             cells = [str(table["rank"][i]), str(table["id"][i]), f"{table['score'][i]:.3f}",
                      table["set"][i]] + ([str(table[label][i])] if label else []) + [
-                _cell(table["prompt"][i]), _cell(table["response"][i])]
+                _cell(text[i]["prompt"]), _cell(text[i]["response"])]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     (out / "top_influential.md").write_text("\n".join(lines))
@@ -130,15 +128,17 @@ def _cell(text: str, limit: int = 160) -> str:
 
 
 def run(ctx: StageContext) -> dict:
-    info = json.loads((ctx.inputs["prepare"] / "info.json").read_text())
-    label = info.get("label_column") or ""
-    table = pq.read_table(ctx.inputs["select"] / SCORES_FILE).to_pydict()
-    metrics = json.loads((ctx.inputs["evaluate"] / METRICS_FILE).read_text())
+    """The plots and the top table, from the numbers of the scores (their text only for the
+    rows the table shows)."""
+    label, selection = ctx.input("prepare").label_column(), ctx.input("select")
+    table = selection.columns("id", "score", "rank", "set", *([label] if label else []))
+    metrics = ctx.input("evaluate").metrics()
     label = label if label in table else ""
-    _score_distribution(table, ctx.out)
+    out = ctx.output().root
+    _score_distribution(table, out)
     if label:
-        _pr_curve(table, label, metrics, ctx.out)
-    _rates(metrics, ctx.out)
-    _relearning(metrics, ctx.out)
-    _top_table(table, label, ctx.out)
+        _pr_curve(table, label, metrics, out)
+    _rates(metrics, out)
+    _relearning(metrics, out)
+    _top_table(table, label, selection, out)
     return {}
