@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.atomic import atomic
 from operators.errors import UserError
 
 FORMATS = ("prompt_response", "hh_rlhf", "beavertails")
@@ -289,20 +290,18 @@ def _chunk_table(chunk: list[dict], path: Path) -> pa.Table:
 
 
 def _join_parts(parts: list[Path], schemas: list[pa.Schema], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     if not parts:
-        pq.write_table(pa.table({}), tmp)
-        tmp.replace(path)
+        with atomic(path) as tmp:
+            pq.write_table(pa.table({}), tmp)
         return
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
         raise DataError(f"{path.name}: a passthrough column mixes types ({err})") from err
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for part in parts:
             table = pq.read_table(part)
             for field in schema:
                 if field.name not in table.column_names:
                     table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
             writer.write_table(table.select(schema.names).cast(schema))
-    tmp.replace(path)

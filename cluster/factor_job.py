@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from cluster.allreduce import allreduce_sum, world
+from cluster.atomic import atomic
 from cluster.batches import TokenizeConfig, to_tensors
 from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
@@ -205,9 +206,8 @@ def fit_factors(dataset, spec: FactorSpec, cluster: ClusterConfig, out_dir: Path
 def _install(src: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (FACTOR_FILE, "units.json"):
-        tmp = out_dir / f".{name}.tmp"
-        shutil.copyfile(src / name, tmp)
-        tmp.replace(out_dir / name)
+        with atomic(out_dir / name) as tmp:
+            shutil.copyfile(src / name, tmp)
 
 
 def load_curvature(factor_dir: Path) -> tuple[Curvature, list[str]]:

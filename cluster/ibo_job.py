@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.allreduce import world
+from cluster.atomic import atomic
 from cluster.deepspeed_strategy import DeepSpeedStrategy, read_ds_config, resolve_ds_config
 from cluster.ibo_objectives import ObjectiveConfig, Reference, step_loss
 from cluster.model_io import load_model, load_tokenizer
@@ -218,10 +219,7 @@ def run_config(spec: IBOSpec, storage: str | Path, max_failures: int):
 def _install(checkpoint, out_dir: Path) -> dict:
     """Copy the final checkpoint's model and curve under ``out_dir``; its metrics."""
     with checkpoint.as_directory() as ckpt:
-        tmp = out_dir / f".{MODEL_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(Path(ckpt) / MODEL_DIR, tmp)
-        shutil.rmtree(out_dir / MODEL_DIR, ignore_errors=True)
-        tmp.replace(out_dir / MODEL_DIR)
+        with atomic(out_dir / MODEL_DIR) as tmp:
+            shutil.copytree(Path(ckpt) / MODEL_DIR, tmp)
         shutil.copyfile(Path(ckpt) / CURVE, out_dir / CURVE)
         return json.loads((Path(ckpt) / "metrics.json").read_text())

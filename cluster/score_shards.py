@@ -12,15 +12,14 @@ two files. The preconditioned queries are saved next to the shards once
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 
+from cluster.atomic import atomic
 from cluster.runtime import ClusterConfig, pin_threads
 from cluster.scoring import Scorer, ScoreSpec, precondition
 from operators.errors import UserError
@@ -60,9 +59,8 @@ def read_rows(train: Path, start: int, stop: int) -> pa.Table:
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 class ShardScorer:
@@ -105,9 +103,8 @@ def features_in(work: Path, spec: ScoreSpec, query_rows: list[dict], factor_dir:
         from cluster.runtime import device_for
         pin_threads(cluster.threads_per_worker)
         features = precondition(spec, rows, factor_dir, cluster.batch_size, device_for(cluster))
-        tmp = path.with_name(f".{FEATURES}.tmp-{uuid.uuid4().hex}")
-        save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic(path) as tmp:
+            save_file({k: v.contiguous() for k, v in features.items()}, str(tmp))
         return features
 
     remote = ray.remote(num_cpus=cluster.cpus_per_worker,

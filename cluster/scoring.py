@@ -17,7 +17,6 @@ stage resumes with the ranges it finished; ``score_corpus`` streams a whole data
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import torch
 
+from cluster.atomic import atomic
 from cluster.batches import TokenizeConfig, iter_row_batches, text_columns, to_tensors
 from cluster.factor_job import load_curvature
 from cluster.model_io import DTYPES, load_model, load_tokenizer
@@ -198,14 +198,11 @@ def finalize(raw_dir: Path, out_dir: Path, how: str) -> dict:
     order = np.lexsort((ids.astype(str), -np.nan_to_num(score, nan=-np.inf)))
     rank = np.empty(len(ids), dtype=np.int64)
     rank[order] = np.arange(1, len(ids) + 1)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    offset = 0
-    for number, path in enumerate(files):
-        offset = _write_ranked(path, tmp / f"part-{number:05d}.parquet", score, rank, offset)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.replace(out_dir)
+    with atomic(out_dir) as tmp:
+        tmp.mkdir()
+        offset = 0
+        for number, path in enumerate(files):
+            offset = _write_ranked(path, tmp / f"part-{number:05d}.parquet", score, rank, offset)
     bad = [str(ids[i]) for i in np.nonzero(~np.isfinite(score))[0]]
     return {"rows": len(ids), "nonfinite_ids": bad[:100], "nonfinite": len(bad)}
 

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cluster.atomic import atomic
 from cluster.batches import text_columns
 from operators.selection import NEGATIVE, NEUTRAL, POSITIVE, SelectionConfig, make_pairs, select_sets
 
@@ -16,10 +17,8 @@ SCORES_FILE = "scores.parquet"
 
 
 def _write_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_selection(ranked: Path, config: SelectionConfig, scores_dir: Path, select_dir: Path,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from cluster.atomic import atomic
 from cluster.dataio import resolve_files
 
 CACHE_FILE = ".content_hashes.json"
@@ -51,10 +51,8 @@ class HashCache:
     def save(self) -> None:
         if not self.changed:
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.known))
-        tmp.replace(self.file)
+        with atomic(self.file) as tmp:
+            tmp.write_text(json.dumps(self.known))
         self.changed = False
 
 
