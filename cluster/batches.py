@@ -60,13 +60,12 @@ def encode_row(tokenizer, config: TokenizeConfig, prompt, response, turns=None) 
 
 
 def to_tensors(columns: dict[str, np.ndarray], tokenizer, config: TokenizeConfig,
-               dtype_device: str = "cpu", response_column: str = "response"
-               ) -> dict[str, torch.Tensor]:
+               dtype_device: str = "cpu") -> dict[str, torch.Tensor]:
     """Tokenize and collate one batch; rows carry their Fisher sampling seed (by id)."""
     ids = [str(x) for x in columns["id"]]
     turns = columns.get(TURNS, [None] * len(ids))
     encoded = [encode_row(tokenizer, config, p, r, t)
-               for p, r, t in zip(columns["prompt"], columns[response_column], turns)]
+               for p, r, t in zip(columns["prompt"], columns["response"], turns)]
     seeds = [sample_seed(i, str(config.seed)) for i in ids]
     batch = collate(encoded, tokenizer.pad_token_id, seeds)
     return {k: v.to(dtype_device) for k, v in batch.items()}
