@@ -90,3 +90,9 @@ def test_ekfac_tracks_exact_influence_better_than_gradsim():
     assert all(torch.isfinite(torch.tensor(v)) for v in correlations.values())
     assert correlations["ekfac"] > correlations["gradsim"]
     assert correlations["ekfac"] > 0.4
+    # LinFAC's units are whole sublayers: its gradient DŴ = Σ_t Ds_t κ_tᵀ lives in the space of
+    # one linear map per sublayer (κ mixes tokens through ā), not in the space of the model's
+    # parameters where this exact influence is taken, so it cannot reach EK-FAC's agreement
+    # here (0.39 vs 0.52 on this model); it must still beat plain gradient similarity.
+    assert correlations["linfac"] > correlations["gradsim"]
+    assert correlations["linfac"] > 0.3
