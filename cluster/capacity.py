@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import time
 
+from operators.errors import UserError
+
 log = logging.getLogger("lancet")
 EPS = 1e-9  # Ray's fractional resources are decimals: 0.5 + 0.5 must fit in 1.0
 
 
-class CapacityError(ValueError):
+class CapacityError(UserError):
     """The cluster cannot place the configured workers."""
 
 

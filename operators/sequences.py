@@ -18,9 +18,10 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from operators.chat import Turns, chat_split, keep_end, prompt_ids, uses_chat_template
+from operators.errors import UserError
 
 
-class SequenceTooLongError(ValueError):
+class SequenceTooLongError(UserError):
     """A sample does not fit the model's context and truncation is off."""
 
 
