@@ -15,6 +15,10 @@ from operators.errors import UserError
 
 log = logging.getLogger("lancet")
 EPS = 1e-9  # Ray's fractional resources are decimals: 0.5 + 0.5 must fit in 1.0
+# Ray Data's tasks (reading the corpus for the factor and IBO workers, feeding the scorers) ask
+# for one CPU each; with no CPU left beside the workers they never run and the stage waits
+# forever (2 workers x 1 CPU on 2 CPUs: fit_factors stayed at 0/568 sequences for 4 minutes).
+DATA_CPUS = 1.0
 
 
 class CapacityError(UserError):
@@ -35,16 +39,27 @@ def workers_that_fit(nodes: list[dict[str, float]], cpus: float, gpus: float) ->
 
 def shortfall(nodes: list[dict[str, float]], num_workers: int, cpus: float, gpus: float
               ) -> str | None:
-    """None when ``num_workers`` fit, else a sentence saying what is asked and what there is."""
+    """None when ``num_workers`` fit with a CPU to spare for Ray Data, else a sentence saying
+    what is asked and what there is."""
     fits = workers_that_fit(nodes, cpus, gpus)
     if fits >= num_workers:
-        return None
+        return _no_cpu_for_data(nodes, num_workers, cpus)
     per_worker = f"CPU: {cpus:g}" + (f", GPU: {gpus:g}" if gpus > 0 else "")
     has = {key: sum(n.get(key, 0.0) for n in nodes) for key in ("CPU", "GPU")}
     return (f"cluster.num_workers={num_workers} needs {num_workers} workers x {{{per_worker}}} "
             f"(cluster.cpus_per_worker, cluster.gpus_per_worker); the cluster has "
             f"{{CPU: {has['CPU']:g}, GPU: {has['GPU']:g}}} on {len(nodes)} node(s), where "
             f"{fits} such workers fit")
+
+
+def _no_cpu_for_data(nodes: list[dict[str, float]], num_workers: int, cpus: float) -> str | None:
+    total = sum(n.get("CPU", 0.0) for n in nodes)
+    if total - num_workers * cpus + EPS >= DATA_CPUS:
+        return None
+    return (f"cluster.num_workers={num_workers} x cluster.cpus_per_worker={cpus:g} take "
+            f"{num_workers * cpus:g} of the cluster's {total:g} CPUs; Ray Data needs "
+            f"{DATA_CPUS:g} CPU beside the workers to read the data, or the stages wait for it "
+            "forever")
 
 
 def alive_nodes() -> list[dict[str, float]]:

@@ -16,7 +16,17 @@ def test_workers_fit_per_node_with_fractional_cpus_and_gpus():
     assert workers_that_fit([{"CPU": 1.5}, {"CPU": 1.5}], 1.0, 0) == 2  # not 3: one node each
     assert workers_that_fit([{"CPU": 8.0, "GPU": 1.0}], 1.0, 1.0) == 1
     assert workers_that_fit([{"CPU": 0.3 * 10}], 0.3, 0) == 10  # decimal rounding
-    assert shortfall(TWO_CPUS, 4, 0.5, 0) is None
+    assert shortfall(TWO_CPUS, 2, 0.5, 0) is None
+
+
+def test_workers_that_take_every_cpu_leave_none_for_ray_data_and_are_refused():
+    assert shortfall(TWO_CPUS, 4, 0.5, 0) == (
+        "cluster.num_workers=4 x cluster.cpus_per_worker=0.5 take 2 of the cluster's 2 CPUs; "
+        "Ray Data needs 1 CPU beside the workers to read the data, or the stages wait for it "
+        "forever")
+    assert shortfall(TWO_CPUS, 2, 1.0, 0) is not None  # seen hanging in fit_factors
+    assert shortfall([{"CPU": 32.0, "GPU": 8.0}], 8, 4.0, 1.0) is not None  # 8 GPUs x 4 CPUs
+    assert shortfall([{"CPU": 33.0, "GPU": 8.0}], 8, 4.0, 1.0) is None
 
 
 def test_a_fixed_cluster_that_is_too_small_fails_at_once(monkeypatch):
@@ -31,7 +41,7 @@ def test_a_fixed_cluster_that_is_too_small_fails_at_once(monkeypatch):
 
 
 def test_an_autoscaling_cluster_is_waited_for_and_times_out(monkeypatch, caplog):
-    grown = [TWO_CPUS, TWO_CPUS, [{"CPU": 2.0}, {"CPU": 2.0}]]
+    grown = [TWO_CPUS, TWO_CPUS, [{"CPU": 2.0}, {"CPU": 2.0}, {"CPU": 2.0}]]
     monkeypatch.setattr(capacity, "alive_nodes", lambda: grown.pop(0) if len(grown) > 1 else grown[0])
     monkeypatch.setattr(capacity.time, "sleep", lambda s: None)
     with caplog.at_level(logging.INFO, logger="lancet"):
