@@ -89,7 +89,7 @@ def test_trust_remote_code_is_off_unless_asked():
 
 def test_a_local_ray_started_by_the_run_binds_loopback():
     code = ("from cluster.runtime import ClusterConfig, connect\n"
-            "connect(ClusterConfig(num_workers=1, local_cpus=1))\n"
+            "connect(ClusterConfig(num_workers=1, local_cpus=2))\n"
             "import ray\nprint('NODE', ray.nodes()[0]['NodeManagerAddress'])\n")
     clean_env = {k: v for k, v in env().items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env,
