@@ -12,13 +12,29 @@ from pipeline.config import conf_dir, register
 register()
 
 
+STARTED = []  # set once Hydra has composed a config and handed it to LANCET
+BAD_INPUT = 2
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
     from pipeline.run import run_from_hydra
+    STARTED.append(True)
     code = run_from_hydra(cfg)
     if code:
         sys.exit(code)
 
 
+def cli() -> None:
+    """``main``, with Hydra's own refusals of the command line (an unknown key, a value of the
+    wrong type: it prints the key and exits 1) reported as bad input, exit 2, like LANCET's."""
+    try:
+        main()
+    except SystemExit as stop:
+        if stop.code == 1 and not STARTED:
+            sys.exit(BAD_INPUT)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()

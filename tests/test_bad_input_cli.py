@@ -57,6 +57,16 @@ def test_bad_config_value_names_the_key(override, message, tmp_path, capsys):
     assert message in stderr
 
 
+def test_a_value_of_the_wrong_type_or_an_unknown_key_is_bad_input(tmp_path):
+    """Hydra refuses these before LANCET runs; they still end as bad input (exit 2), the key
+    named. (The suite sets HYDRA_FULL_ERROR=1 for traces; a user's shell does not.)"""
+    for override, named in (("cluster.num_workers=abc", "full_key: cluster.num_workers"),
+                            ("influence.alpah=0.5", "Key 'alpah' not in 'InfluenceConf'")):
+        proc = run_cli(override, f"cache_dir={tmp_path}", f"output_dir={tmp_path / 'o'}",
+                       check=False, HYDRA_FULL_ERROR="0")
+        assert proc.returncode == 2 and named in proc.stderr, proc.stderr[-2000:]
+
+
 def _validated_in_process(overrides: list[str], capsys) -> tuple[int, str]:
     """What ``run_from_hydra`` does before any stage: type, validate, report a failure."""
     from test_configs import compose_typed
