@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.extension_locks import clear_stale_locks
 from operators.errors import UserError
 
 
@@ -44,6 +45,7 @@ class DeepSpeedStrategy:
 
     def setup(self, model: torch.nn.Module) -> torch.nn.Module:
         """``deepspeed.initialize`` with a torch optimizer (DeepSpeed's own Adam compiles ops)."""
+        clear_stale_locks()  # a build killed earlier would make DeepSpeed's op build wait forever
         import deepspeed
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
