@@ -16,6 +16,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from bench import gpu
 from operators.curvature import fit_curvature
 from operators.scores import InfluenceConfig, precondition_queries, score_batch, units_for
 
@@ -70,31 +71,15 @@ def run(width: int, layers: int, rows: int, tokens: int) -> list[dict]:
 
 
 def render(rows: list[dict], args) -> str:
-    keys = list(rows[0])
-    lines = [f"## LinFAC's cost vs the project's own EK-FAC and K-FAC (d={args.width})", "",
-             f"Command: `python -m bench.cost --width {args.width} --layers {args.layers} "
-             f"--rows {args.rows} --tokens {args.tokens}`  ",
-             f"Machine: {platform.processor() or platform.machine()}, "
-             f"{torch.get_num_threads()} threads, torch {torch.__version__}  ",
-             "Same model (Llama-shaped, float32), data and passes; methods run one after the "
-             "other in one process.", "",
-             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v)
-                                        for v in row.values()) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_section(text: str) -> None:
-    from bench.gpu import RESULTS
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    section = f"{BEGIN}\n{text}{END}\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + section + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(new)
+    header = "\n".join([
+        f"## LinFAC's cost vs the project's own EK-FAC and K-FAC (d={args.width})", "",
+        f"Command: `python -m bench.cost --width {args.width} --layers {args.layers} "
+        f"--rows {args.rows} --tokens {args.tokens}`  ",
+        f"Machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}  ",
+        "Same model (Llama-shaped, float32), data and passes; methods run one after the other in "
+        "one process."])
+    return gpu.render(rows, header)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
     text = render(run(args.width, args.layers, args.rows, args.tokens), args)
     print(text)
-    write_section(text)
+    gpu.write_section(text, BEGIN, END)
     return 0
 
 

@@ -112,6 +112,7 @@ def _eager_pass(model, data):
 
 
 def render(rows: list[dict], header: str) -> str:
+    """``header``, a blank line, then ``rows`` as a Markdown table."""
     keys = list(rows[0])
     lines = [header, "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for row in rows:
@@ -120,13 +121,14 @@ def render(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replace (or append) the GPU section of RESULTS.md; `make bench` keeps it."""
+def write_section(text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace (or append) the section between ``begin`` and ``end`` of RESULTS.md (the GPU
+    section by default); `make bench` keeps it."""
     old = RESULTS.read_text() if RESULTS.exists() else ""
-    section = f"{BEGIN}\n{text}{END}\n"
-    if BEGIN in old and END in old:
-        head, rest = old.split(BEGIN, 1)
-        new = head + section + rest.split(END, 1)[1].lstrip("\n")
+    section = f"{begin}\n{text}{end}\n"
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        new = head + section + rest.split(end, 1)[1].lstrip("\n")
     else:
         new = old.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(new)
