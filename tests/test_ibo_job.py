@@ -66,34 +66,14 @@ def run(root, spec, name):
     return run_ibo(datasets, spec, CLUSTER, root / name, root / "ray")
 
 
-def test_ibo_lowers_the_undesirable_rate_and_keeps_perplexity(selected):
-    corpus, model_dir, root = selected
-    metrics = run(root, ibo_spec(model_dir, steps=30, checkpoint_every=10), "ibo")
-    tok = load_tokenizer(model_dir)
-    before_model, after_model = load_model(model_dir), load_model(root / "ibo" / "model")
-    before = behaviour(before_model, tok, corpus.eval_prompts, JUDGE, 24, 64)
-    after = behaviour(after_model, tok, corpus.eval_prompts, JUDGE, 24, 64)
-    ppl_before = clean_perplexity(before_model, tok, corpus.clean_eval, 64)
-    ppl_after = clean_perplexity(after_model, tok, corpus.clean_eval, 64)
-    print(f"ibo: seen {before['rate_seen']:.3f} -> {after['rate_seen']:.3f}, unseen "
-          f"{before['rate_unseen']:.3f} -> {after['rate_unseen']:.3f}, ppl {ppl_before:.3f} -> "
-          f"{ppl_after:.3f}, step {metrics['step_seconds'] * 1000:.0f} ms")
-    assert before["rate_seen"] >= 0.5
-    assert after["rate_seen"] <= 0.5 * before["rate_seen"]
-    assert abs(ppl_after / ppl_before - 1) <= 0.10
-    assert metrics["rewards/accuracies"] > 0.5 and metrics["step"] == 30
-
-
 def ray_train_worker_pids() -> list[int]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
 
 
-def test_a_killed_worker_resumes_from_its_last_checkpoint(selected):
-    corpus, model_dir, root = selected
-    storage = root / "ray"
+def kill_a_worker_after_the_first_checkpoint(storage) -> tuple[list[int], threading.Thread]:
     before = set(storage.glob("ibo_*"))
-    killed = []
+    killed: list[int] = []
 
     def killer():
         deadline = time.time() + 300
@@ -109,13 +89,34 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(selected):
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    metrics = run(root, ibo_spec(model_dir, steps=60, checkpoint_every=5, batch_size=4),
-                  "resumed")
+    return killed, thread
+
+
+def test_ibo_lowers_the_undesirable_rate_even_when_a_worker_is_killed_and_resumed(selected):
+    """One job proves both: a worker killed after the first checkpoint is replaced and the run
+    resumes from its last checkpoint (not from zero), and the corrected model it saves has a
+    lower undesirable rate at the same perplexity."""
+    corpus, model_dir, root = selected
+    killed, thread = kill_a_worker_after_the_first_checkpoint(root / "ray")
+    metrics = run(root, ibo_spec(model_dir, steps=30, checkpoint_every=3), "ibo")
     thread.join(timeout=5)
     assert killed, "no worker was killed"
-    assert metrics["step"] == 60
-    assert metrics["resumed_from"] >= 5  # not redone from zero
-    assert (root / "resumed" / "model" / "model.safetensors").is_file()
+    assert metrics["step"] == 30
+    assert metrics["resumed_from"] >= 3  # not redone from zero
+    tok = load_tokenizer(model_dir)
+    before_model, after_model = load_model(model_dir), load_model(root / "ibo" / "model")
+    before = behaviour(before_model, tok, corpus.eval_prompts, JUDGE, 24, 64)
+    after = behaviour(after_model, tok, corpus.eval_prompts, JUDGE, 24, 64)
+    ppl_before = clean_perplexity(before_model, tok, corpus.clean_eval, 64)
+    ppl_after = clean_perplexity(after_model, tok, corpus.clean_eval, 64)
+    print(f"ibo: seen {before['rate_seen']:.3f} -> {after['rate_seen']:.3f}, unseen "
+          f"{before['rate_unseen']:.3f} -> {after['rate_unseen']:.3f}, ppl {ppl_before:.3f} -> "
+          f"{ppl_after:.3f}, step {metrics['step_seconds'] * 1000:.0f} ms, resumed from "
+          f"{metrics['resumed_from']}")
+    assert before["rate_seen"] >= 0.5
+    assert after["rate_seen"] <= 0.5 * before["rate_seen"]
+    assert abs(ppl_after / ppl_before - 1) <= 0.10
+    assert metrics["rewards/accuracies"] > 0.5
 
 
 def wiring(method: str) -> tuple:
