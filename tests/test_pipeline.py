@@ -52,13 +52,21 @@ def test_outputs_follow_the_contract(first_run):
 
 
 def test_rerun_recomputes_nothing_and_alpha_recomputes_from_select(first_run, cache, tmp_path):
-    """(That a new α recomputes select and everything after it, and nothing before, is shown
-    on a whole run in tests/test_pipeline_services.py.)"""
+    """A rerun computes nothing; a new α computes select (and, without ``pipeline.until``,
+    what follows it), reuses what comes before, and MLflow tags each stage run so."""
+    from mlflow.tracking import MlflowClient
     run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'same'}")
     assert computed(tmp_path / "same") == set()
     run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'alpha'}",
             "influence.alpha=0.5", "pipeline.until=select")
     assert computed(tmp_path / "alpha") == {"select"}
+    run = json.loads((tmp_path / "alpha" / "run.json").read_text())
+    client = MlflowClient(tracking_uri=run["tracking_uri"])
+    parent = client.get_run(run["mlflow_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.info.run_name: r.data.tags["lancet.cached"] for r in children} == {
+        "prepare": "true", "fit_factors": "true", "score": "true", "select": "false"}
 
 
 def test_a_sweep_over_alpha_and_batch_size_fits_factors_once_under_one_mlflow_run(tmp_path):
