@@ -141,3 +141,17 @@ def test_the_top_rows_get_their_unit_shares_and_they_add_up_to_the_ranked_score(
     scores = pq.read_table(tmp_path / "scores" / "scores.parquet")
     assert units_of(scores.schema) == names
     assert scores.column("unit_shares").null_count == scores.num_rows - 20
+    # ... and the report's plot, table and metrics: each layer's mean attn and mlp share
+    from pipeline.artifacts import Selection
+    from pipeline.stages import report
+    (tmp_path / "report").mkdir()
+    metrics = report._attribution(Selection(tmp_path / "scores"), tmp_path / "report")
+    mean = shares.astype(np.float64).mean(0)
+    assert metrics == pytest.approx({"attribution/layer0_attn": mean[0],
+                                     "attribution/layer0_mlp": mean[1],
+                                     "attribution/layer1_attn": mean[2],
+                                     "attribution/layer1_mlp": mean[3]}, rel=1e-6)
+    assert sum(metrics.values()) == pytest.approx(1.0, rel=1e-5)
+    assert (tmp_path / "report" / "layer_attribution.png").stat().st_size > 1000
+    csv = (tmp_path / "report" / "layer_attribution.csv").read_text().splitlines()
+    assert csv[0] == "layer,attn,mlp" and len(csv) == 3

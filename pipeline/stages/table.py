@@ -46,5 +46,5 @@ STAGES = [
           artifacts=("metrics.json",), reads=evaluate_reads,
           version="3"),  # 3: over-refusal on clean prompts and relearning (issue #15)
     Stage("report", report.run, ("prepare", "select", "evaluate"), (), "report",
-          artifacts=(".",), version="2"),  # 2: harmful vs clean and relearning plots
+          artifacts=(".",), version="3"),  # 3: per-sublayer attribution (issue #17)
 ]
