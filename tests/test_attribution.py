@@ -120,3 +120,28 @@ def test_linear_units_add_up_to_their_sublayer():
     means = mean_group_shares(shares, names)  # the undefined row is left out
     assert means == pytest.approx({(0, "attn"): 0.3, (0, "mlp"): 0.4, (1, "attn"): 0.2,
                                    (1, "mlp"): 0.1})
+
+
+def test_only_a_method_with_units_and_a_positive_k_attributes():
+    from cluster.scoring import ScoreSpec
+    assert ScoreSpec(model_path="m").attributes  # linfac, top 100
+    assert not ScoreSpec(model_path="m", attribution_top_k=0).attributes
+    assert not ScoreSpec(model_path="m", influence=InfluenceConfig(method="repsim")).attributes
+    with pytest.raises(ValueError, match="influence.attribution_top_k=-1"):
+        ScoreSpec(model_path="m", attribution_top_k=-1)
+
+
+def test_the_benchmark_compares_each_planted_block_with_the_all_blocks_control():
+    from bench.attribution import Setup, ratios, render
+    setup = Setup(layers=2, seeds=(0,))
+    even = {0: 0.5, 1: 0.5}
+    rows = [dict(scenario="s", seed=0, planted=(0,), **{"planted in": "block 0"}, queries=3,
+                 auprc=0.9, precision=1.0, shares={0: 0.2, 1: 0.8}),
+            dict(scenario="s", seed=0, planted=(1,), **{"planted in": "block 1"}, queries=0),
+            dict(scenario="s", seed=0, planted=(0, 1), **{"planted in": "all blocks"},
+                 queries=3, auprc=0.8, precision=1.0, shares=even)]
+    assert ratios(rows, setup) == {("s", 0, "block 0"): pytest.approx(0.4)}
+    text = render(rows, setup, 1.0)
+    assert "| s | block 0 | 3 | 0.9 | 1 | 0.2 | 0.8 | 0.40 |" in text
+    assert "| s | block 1 | 0 | nan | nan | nan | nan | - |" in text  # no behaviour shown
+    assert "in 0 of 1 (scenario, seed, block) cases; median ratio 0.40" in text
