@@ -2,7 +2,7 @@
 
 A 4-block GPT-2 learns a scenario's clean rows only; the behaviour is then planted late, by
 fine-tuning on the planted rows (mixed with as many clean rows) with only some blocks trainable:
-the first, the third (``layers // 2``), the last, or all of them (the control). LinFAC scores
+block 0, block ``layers // 2``, the last block, or all of them (the control). LinFAC scores
 the whole corpus against the bad outputs the planted model gives; the top-k rows' scores are
 split per unit as the score stage splits them (``operators.attribution``) and each block's
 attention + MLP shares are averaged over those rows. The question: does the attribution point
@@ -11,7 +11,7 @@ same blocks do when every block was fine-tuned? Every scenario is repeated with 
 corpus, the model's initialisation, the replayed clean rows and the dropout all change).
 
 ``python -m bench.attribution`` writes its own section of bench/RESULTS.md (``make bench`` runs
-it and keeps the section). One thread, about two minutes on a CPU.
+it and keeps the section). One thread; under three minutes on a 2-core CPU (24 plantings).
 """
 
 from __future__ import annotations
