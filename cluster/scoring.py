@@ -9,7 +9,9 @@
    per-query-batch scores (a fixed-size list column ``raw``), passing the row's columns through.
 3. ``finalize``: streams the raw shards (column scales; ids and scores; the rows) and writes
    ranked shards, one row per training id with ``score`` and ``rank``; memory holds one record
-   batch and the (id, score, rank) of each row needed to rank, never the corpus's text.
+   batch and the (id, score, rank) of each row needed to rank, never the corpus's text. Between
+   ranking and writing, the top rows can be re-scored per unit (``cluster.attribution``) and
+   their shares written as one more column.
 
 The score stage runs step 2 by fixed row ranges (``cluster.score_shards``), so that a killed
 stage resumes with the ranges it finished; ``score_corpus`` streams a whole dataset at once.
@@ -18,6 +20,7 @@ stage resumes with the ranges it finished; ``score_corpus`` streams a whole data
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +58,22 @@ class ScoreSpec:
     dtype: str = "float32"
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     trust_remote_code: bool = False
+    # re-score this many top-ranked rows per unit for their per-sublayer shares (0: none)
+    attribution_top_k: int = 100
+
+    def __post_init__(self) -> None:
+        if int(self.attribution_top_k) < 0:
+            raise UserError(f"influence.attribution_top_k={self.attribution_top_k}: must be "
+                            ">= 0 (0 turns the attribution off)")
+
+    @property
+    def attributes(self) -> bool:
+        """Whether the score stage attributes its top rows (a method with units, k > 0)."""
+        return self.attribution_top_k > 0 and self.influence.kind.units is not None
 
 
-def _model_and_units(spec: ScoreSpec, device: str = "cpu"):
+def model_and_units(spec: ScoreSpec, device: str = "cpu"):
+    """The model (on ``device``), its tokenizer and the units ``spec``'s method scores over."""
     config = spec.influence
     model = load_model(spec.model_path, spec.dtype, config.kind.attention_weights,
                        spec.trust_remote_code, device)
@@ -73,7 +89,7 @@ def precondition(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | Non
     Streams the queries ``batch_size`` at a time on ``device``; the curvature is moved there
     once, in the compute dtype (float32, or float64 for a float64 model).
     """
-    model, tokenizer, units = _model_and_units(spec, device)
+    model, tokenizer, units = model_and_units(spec, device)
     curvature = None
     if spec.influence.uses_curvature:
         curvature, names = load_curvature(factor_dir)
@@ -115,7 +131,7 @@ class Scorer:
         pin_threads(cluster.threads_per_worker)
         self.device = device_for(cluster)
         self.spec = spec
-        self.model, self.tokenizer, self.units = _model_and_units(spec, self.device)
+        self.model, self.tokenizer, self.units = model_and_units(spec, self.device)
         features = ray.get(features_ref[0])
         self.features = {k: v.to(self.device) for k, v in features.items()}
 
@@ -185,26 +201,64 @@ def _raw_matrix(column) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
 
 
-def finalize(raw_dir: Path, out_dir: Path, how: str) -> dict:
-    """Write ``out_dir/part-*.parquet``: every row with ``score`` and ``rank``, once each.
+@dataclass(frozen=True)
+class Ranking:
+    """Every row's id, score and rank, in the raw shards' row order, and the column scales."""
 
-    Streams the raw shards three times (column scales; ids and scores; the rows themselves), so
-    memory holds one record batch plus an (id, score, rank) triple per row, not the corpus. The
-    folder appears under its final name only when complete.
-    """
+    ids: np.ndarray
+    score: np.ndarray
+    rank: np.ndarray
+    scales: np.ndarray  # [num_query_batches]: each raw column's std (``aggregate``'s scales)
+
+    def top(self, k: int) -> np.ndarray:
+        """Positions (raw shards' row order) of the ``k`` best ranks with a finite score,
+        ascending."""
+        best = np.argsort(self.rank)[:k]
+        return np.sort(best[np.isfinite(self.score[best])])
+
+
+@dataclass(frozen=True)
+class RowColumn:
+    """A column added to the ranked shards: a value for some rows (by position), null for the
+    others; ``metrics`` join ``finalize``'s summary."""
+
+    arrow_field: pa.Field
+    values: dict[int, object]
+    metrics: dict = field(default_factory=dict)
+
+
+def rank_rows(raw_dir: Path, how: str) -> Ranking:
+    """Stream the raw shards twice (column scales; ids and scores) and rank every row."""
     files = sorted(raw_dir.glob("*.parquet"))
     scales = _column_scales(files)
     ids, score = _ids_and_scores(files, scales, how, raw_dir)
     order = np.lexsort((ids.astype(str), -np.nan_to_num(score, nan=-np.inf)))
     rank = np.empty(len(ids), dtype=np.int64)
     rank[order] = np.arange(1, len(ids) + 1)
+    return Ranking(ids, score, rank, scales)
+
+
+def finalize(raw_dir: Path, out_dir: Path, how: str,
+             extra: Callable[[Ranking], RowColumn | None] | None = None) -> dict:
+    """Write ``out_dir/part-*.parquet``: every row with ``score`` and ``rank``, once each.
+
+    Streams the raw shards three times (column scales; ids and scores; the rows themselves), so
+    memory holds one record batch plus an (id, score, rank) triple per row, not the corpus. The
+    folder appears under its final name only when complete. ``extra`` (given the ranking, before
+    the rows are written) may add one column, e.g. the top rows' attribution.
+    """
+    files = sorted(raw_dir.glob("*.parquet"))
+    ranking = rank_rows(raw_dir, how)
+    column = extra(ranking) if extra is not None else None
     with atomic(out_dir) as tmp:
         tmp.mkdir()
         offset = 0
         for number, path in enumerate(files):
-            offset = _write_ranked(path, tmp / f"part-{number:05d}.parquet", score, rank, offset)
-    bad = [str(ids[i]) for i in np.nonzero(~np.isfinite(score))[0]]
-    return {"rows": len(ids), "nonfinite_ids": bad[:100], "nonfinite": len(bad)}
+            offset = _write_ranked(path, tmp / f"part-{number:05d}.parquet", ranking, offset,
+                                   column)
+    bad = [str(ranking.ids[i]) for i in np.nonzero(~np.isfinite(ranking.score))[0]]
+    return {"rows": len(ranking.ids), "nonfinite_ids": bad[:100], "nonfinite": len(bad),
+            **(column.metrics if column is not None else {})}
 
 
 def _batches(path: Path, columns: list[str] | None = None):
@@ -226,15 +280,20 @@ def _ids_and_scores(files: list[Path], scales: np.ndarray, how: str, raw_dir: Pa
     return np.array(ids, dtype=object), (np.concatenate(scores) if scores else np.zeros(0))
 
 
-def _write_ranked(path: Path, out: Path, score: np.ndarray, rank: np.ndarray, offset: int) -> int:
-    """One raw shard with ``score`` and ``rank`` (the whole corpus's, from ``offset``) in front;
-    returns the next row offset."""
+def _write_ranked(path: Path, out: Path, ranking: Ranking, offset: int,
+                  column: RowColumn | None = None) -> int:
+    """One raw shard with ``score`` and ``rank`` (the whole corpus's, from ``offset``) in front
+    and ``column`` (if any) after the shard's own; returns the next row offset."""
     writer = None
     for batch in _batches(path):
         rows = slice(offset, offset + batch.num_rows)
         table = pa.Table.from_batches([batch])
-        table = table.append_column("score", pa.array(score[rows], type=pa.float64()))
-        table = table.append_column("rank", pa.array(rank[rows]))
+        table = table.append_column("score", pa.array(ranking.score[rows], type=pa.float64()))
+        table = table.append_column("rank", pa.array(ranking.rank[rows]))
+        if column is not None:
+            values = [column.values.get(i) for i in range(rows.start, rows.stop)]
+            table = table.append_column(column.arrow_field,
+                                        pa.array(values, type=column.arrow_field.type))
         front = ["id", "score", "rank"]
         table = table.select(front + [c for c in table.column_names if c not in front])
         writer = writer or pq.ParquetWriter(out, table.schema)

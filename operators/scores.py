@@ -222,17 +222,50 @@ def score_batch(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
         feats = last_prompt_hidden(model, batch).double()
         feats = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-30)
         return feats @ queries["repr"].double().T
-    cap = capture_pass(model, units, batch, sampled=False)
-    mask = batch["attention_mask"]
     total, squares = None, None
-    for unit in units:
-        part, sq = _unit_scores(cap, unit, mask, queries, _is_cosine(config))
-        total = part.double() if total is None else total + part.double()
+    for part, sq in _unit_parts(model, units, batch, queries, config):
+        total = part if total is None else total + part
         if sq is not None:
             squares = sq if squares is None else squares + sq
     if _is_cosine(config):
         total = total / squares.sqrt().clamp_min(1e-30).unsqueeze(1)
     return total
+
+
+def unit_scores(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
+                queries: Features, config: InfluenceConfig) -> Tensor:
+    """Each unit's term of ``score_batch``: ``[B, num_query_batches, U]`` (float64, ``units``
+    order), for the per-sublayer attribution (operators/attribution.py).
+
+    Summed over the last axis in unit order it is ``score_batch``'s result bit for bit (the
+    same terms added in the same order); with cosine similarity every term is divided by the
+    row's norm over all units, so the sum equals it up to rounding.
+    """
+    if config.kind.units is None:
+        raise UserError(f"influence.method={config.method} takes no gradients: its score has "
+                        "no per-unit terms")
+    parts, squares = [], None
+    for part, sq in _unit_parts(model, units, batch, queries, config):
+        parts.append(part)
+        if sq is not None:
+            squares = sq if squares is None else squares + sq
+    out = torch.stack(parts, dim=-1)
+    if _is_cosine(config):
+        out = out / squares.sqrt().clamp_min(1e-30)[:, None, None]
+    return out
+
+
+def _unit_parts(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
+                queries: Features, config: InfluenceConfig
+                ) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """One forward + backward, then per unit: its ``[B, G]`` scores (float64) and, for cosine,
+    the squared norms ``[B]`` of its DŴ. The one loop behind ``score_batch`` and
+    ``unit_scores``, so the two cannot drift apart."""
+    cap = capture_pass(model, units, batch, sampled=False)
+    mask = batch["attention_mask"]
+    for unit in units:
+        part, sq = _unit_scores(cap, unit, mask, queries, _is_cosine(config))
+        yield part.double(), sq
 
 
 def _unit_scores(cap, unit: Unit, mask: Tensor, queries: Features, cosine: bool

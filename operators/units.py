@@ -137,6 +137,29 @@ def _sublayer_units(model: nn.Module, block: nn.Module, block_name: str) -> list
     )
 
 
+def sublayer_of(name: str) -> tuple[int, str]:
+    """The block index and sublayer of a unit named by ``discover_units``: ``(layer, part)``
+    with ``part`` ``"attn"`` or ``"mlp"`` (a split feed-forward pair and its ``ffn`` unit are
+    ``"mlp"``), else the block's child's own name. ``"h.0.attn"`` and ``"h.0.attn.c_proj"``
+    are ``(0, "attn")``; a name without a block index is ``(-1, name)``.
+
+    The index is the first all-digit part of the name that a known sublayer follows (else the
+    first all-digit part), so a MoE expert's number (``…layers.3.mlp.experts.5.w1``) is not
+    taken for the layer.
+    """
+    parts = name.split(".")
+    digits = [i for i, p in enumerate(parts[:-1]) if p.isdigit()]
+    if not digits:
+        return -1, name
+    mlp_like = set(MLP_NAMES) | {n for pair in SPLIT_FFN_NAMES for n in pair} | {"ffn"}
+    known = [i for i in digits if parts[i + 1] in set(ATTENTION_NAMES) | mlp_like]
+    index = (known or digits)[0]
+    child = parts[index + 1]
+    if child in ATTENTION_NAMES:
+        return int(parts[index]), "attn"
+    return int(parts[index]), "mlp" if child in mlp_like else child
+
+
 def _linear_units(block: nn.Module, block_name: str) -> list[Unit]:
     units = []
     for name, module in block.named_modules():

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from cluster.attribution import COLUMN as UNIT_SHARES
+from cluster.attribution import units_of
 from cluster.selection_io import SCORES_FILE
 
 
@@ -107,6 +109,15 @@ class Selection(Artifact):
         """Only ``names`` of the scores (those that exist), not the training text."""
         present = set(pq.ParquetFile(self.scores).schema_arrow.names)
         return pq.read_table(self.scores, columns=[n for n in names if n in present]).to_pydict()
+
+    def unit_shares(self) -> tuple[list[str], list[list[float]]]:
+        """(unit names, the attributed rows' shares in rank order): the score stage's
+        ``unit_shares`` column without its nulls; ``([], [])`` when the scores have none."""
+        names = units_of(pq.ParquetFile(self.scores).schema_arrow)
+        if not names:
+            return [], []
+        column = pq.read_table(self.scores, columns=[UNIT_SHARES]).column(0)
+        return names, [row for row in column.to_pylist() if row is not None]
 
     def rows_at(self, positions: list[int], *names: str) -> dict[int, dict]:
         """Columns ``names`` of the rows at ``positions`` (file order), streamed: the text of

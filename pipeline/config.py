@@ -87,6 +87,10 @@ class InfluenceConf:
     # Keep each preconditioned query as rank-r factors per unit (memory r(o+i) instead of o·i;
     # 32 lets 64+ queries fit a 7B scorer); null: full rank.
     query_rank: int | None = None
+    # Per-sublayer attribution: the top-ranked k samples are re-scored per unit and their share
+    # of the score carried by each layer's attention and MLP unit is written to the scores
+    # (`unit_shares`) and plotted in report/; 0 turns it off (repsim has no units: none).
+    attribution_top_k: int = 100
 
 
 @dataclass

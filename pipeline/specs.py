@@ -81,7 +81,8 @@ def factor_spec(cfg: LancetConf, model_path: str) -> FactorSpec:
 
 def score_spec(cfg: LancetConf, model_path: str) -> ScoreSpec:
     return ScoreSpec(model_path=model_path, influence=influence(cfg), dtype=cfg.model.dtype,
-                     tokenize=tokenize(cfg), trust_remote_code=cfg.model.trust_remote_code)
+                     tokenize=tokenize(cfg), trust_remote_code=cfg.model.trust_remote_code,
+                     attribution_top_k=cfg.influence.attribution_top_k)
 
 
 def deepspeed_path(cfg: LancetConf) -> Path:
@@ -139,6 +140,7 @@ def validate(cfg: LancetConf) -> None:
     """Build every spec once at start-up so a bad value fails before any stage runs."""
     tokenize(cfg)
     influence(cfg)
+    score_spec(cfg, cfg.model.path or "model")
     selection(cfg)
     cluster(cfg)
     ibo_spec(cfg, cfg.model.path or "model")

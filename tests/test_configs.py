@@ -85,6 +85,7 @@ OUT_OF_RANGE = [
     ("influence.damping=-1.0", "influence.damping=-1.0: must be >= 0"),
     ("influence.damping=nan", "influence.damping=nan: must be >= 0"),
     ("influence.damping_absolute=-1e-3", "influence.damping_absolute=-0.001: must be >= 0"),
+    ("influence.attribution_top_k=-1", "influence.attribution_top_k=-1: must be >= 0"),
     ("ibo.beta=0", "ibo.beta=0.0: must be > 0"),
     ("ibo.gamma=-1", "ibo.gamma=-1.0: must be >= 0"),
     ("ibo.steps=0", "ibo.steps=0: must be >= 1"),

@@ -70,3 +70,88 @@ def test_a_rerun_replaces_the_previous_ranking(tmp_path):
     scoring.finalize(tmp_path / "raw", tmp_path / "ranked", "max")
     assert sorted(p.name for p in (tmp_path / "ranked").iterdir()) == ["part-00000.parquet"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from demo_assets import save_demo_model
+    return save_demo_model(tmp_path_factory.mktemp("demo"), epochs=2)
+
+
+def scored_in_process(demo, folder, how):
+    """What the score stage holds before ranking, without Ray: LinFAC query features and raw
+    shards as the scorers write them (``id``, text, ``n_tokens``, ``raw``)."""
+    from cluster.batches import TokenizeConfig, iter_row_batches, to_tensors
+    from cluster.scoring import ScoreSpec, model_and_units
+    from operators.curvature import fit_curvature
+    from operators.scores import InfluenceConfig, precondition_queries, score_batch
+    corpus, model_dir, _ = demo
+    spec = ScoreSpec(model_path=str(model_dir), dtype="float64", tokenize=TokenizeConfig(64),
+                     influence=InfluenceConfig(query_batch_size=2, aggregate=how))
+    model, tok, units = model_and_units(spec)
+    batches = [to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(corpus.train, 32)]
+    curvature = fit_curvature(model, units, batches, corrected=True)
+    queries = [r for r in corpus.train if r["planted"]][:5]
+    features = precondition_queries(model, units, (to_tensors(c, tok, spec.tokenize) for c in
+                                                   iter_row_batches(queries, 4)),
+                                    spec.influence, curvature)
+    folder.mkdir()
+    for k, start in enumerate(range(0, len(corpus.train), 100)):  # three shards, batches of 32
+        rows = corpus.train[start:start + 100]
+        raw = torch.cat([score_batch(model, units, to_tensors(c, tok, spec.tokenize), features,
+                                     spec.influence) for c in iter_row_batches(rows, 32)])
+        flat = pa.array(raw.numpy().reshape(-1), type=pa.float64())
+        table = pa.Table.from_pylist(rows).append_column("n_tokens", pa.array([1] * len(rows)))
+        table = table.append_column("raw", pa.FixedSizeListArray.from_arrays(flat, raw.shape[1]))
+        pq.write_table(table, folder / f"{k}.parquet")
+    return spec, features, [u.name for u in units]
+
+
+@pytest.mark.parametrize("how", ["max", "mean"])
+def test_the_top_rows_get_their_unit_shares_and_they_add_up_to_the_ranked_score(
+        demo, tmp_path, how):
+    from cluster.attribution import attribute, attribution_step, units_of
+    from cluster.selection_io import write_selection
+    from operators.selection import SelectionConfig
+    spec, features, names = scored_in_process(demo, tmp_path / "raw", how)
+    terms_seen = {}
+
+    def rescore(rows, scales):  # in process here; a Ray task on one worker in the stage
+        names, terms = attribute(spec, features, rows, scales, how, batch_size=7)
+        terms_seen.update(zip(rows.column("id").to_pylist(), terms))
+        return names, terms
+
+    summary = scoring.finalize(tmp_path / "raw", tmp_path / "ranked", how,
+                               attribution_step(tmp_path / "raw", 20, rescore))
+    ranked = pq.read_table(tmp_path / "ranked")
+    assert units_of(ranked.schema) == names == ["transformer.h.0.attn", "transformer.h.0.mlp",
+                                                "transformer.h.1.attn", "transformer.h.1.mlp"]
+    table = ranked.to_pandas().set_index("id").sort_values("rank")
+    top, rest = table.iloc[:20], table.iloc[20:]
+    assert rest["unit_shares"].isna().all() and top["unit_shares"].notna().all()
+    shares = np.stack(top["unit_shares"].to_numpy())
+    np.testing.assert_allclose(shares.sum(1), 1.0, rtol=1e-5)  # float32 column
+    # re-scored in other batches (7 rows, other padding), the units add up to the ranked score
+    totals = np.array([terms_seen[i].sum() for i in top.index])
+    np.testing.assert_allclose(totals, top["score"], rtol=1e-10)
+    assert summary["attribution/rows"] == 20 and summary["attribution/score_rel_gap"] < 1e-10
+    # the column and its unit names reach the contract's scores/ through the select stage
+    write_selection(tmp_path / "ranked", SelectionConfig(), tmp_path / "scores",
+                    tmp_path / "select")
+    scores = pq.read_table(tmp_path / "scores" / "scores.parquet")
+    assert units_of(scores.schema) == names
+    assert scores.column("unit_shares").null_count == scores.num_rows - 20
+    # ... and the report's plot, table and metrics: each layer's mean attn and mlp share
+    from pipeline.artifacts import Selection
+    from pipeline.stages import report
+    (tmp_path / "report").mkdir()
+    metrics = report._attribution(Selection(tmp_path / "scores"), tmp_path / "report")
+    mean = shares.astype(np.float64).mean(0)
+    assert metrics == pytest.approx({"attribution/layer0_attn": mean[0],
+                                     "attribution/layer0_mlp": mean[1],
+                                     "attribution/layer1_attn": mean[2],
+                                     "attribution/layer1_mlp": mean[3]}, rel=1e-6)
+    assert sum(metrics.values()) == pytest.approx(1.0, rel=1e-5)
+    assert (tmp_path / "report" / "layer_attribution.png").stat().st_size > 1000
+    csv = (tmp_path / "report" / "layer_attribution.csv").read_text().splitlines()
+    assert csv[0] == "layer,attn,mlp" and len(csv) == 3

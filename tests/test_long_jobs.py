@@ -56,6 +56,11 @@ def test_mlflow_names_the_run_logs_curves_and_the_model_under_output_dir(tiny_pi
     assert sorted(steps) == list(range(1, 7))  # every step, not only the checkpoints
     versions = client.search_model_versions("name='lancet-ibo'")
     assert [v.run_id for v in versions] == [ibo.info.run_id]
+    report = _children(client, parent)["report"]  # the per-sublayer attribution (issue #17)
+    attribution = {k for k in report.data.metrics if k.startswith("attribution/layer")}
+    assert attribution == {f"attribution/layer{i}_{p}" for i in (0, 1) for p in ("attn", "mlp")}
+    logged = {a.path for a in client.list_artifacts(report.info.run_id, "report")}
+    assert "report/layer_attribution.png" in logged
 
 
 @pytest.mark.ray

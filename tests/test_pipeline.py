@@ -34,6 +34,12 @@ def test_outputs_follow_the_contract(first_run):
     assert set(scores.column("set").to_pylist()) <= {"positive", "negative", "neutral"}
     ids = scores.column("id").to_pylist()
     assert len(ids) == len(set(ids))
+    from cluster.attribution import units_of  # the top 100 rows' per-sublayer shares
+    assert units_of(scores.schema) == [f"transformer.h.{i}.{p}" for i in (0, 1)
+                                       for p in ("attn", "mlp")]
+    shares = scores.column("unit_shares").to_pylist()[:100]  # in rank order
+    assert None not in shares and scores.column("unit_shares").null_count == len(ids) - 100
+    assert all(abs(sum(s) - 1) < 1e-4 for s in shares)
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out / "ibo" / "model")
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
@@ -46,9 +52,10 @@ def test_outputs_follow_the_contract(first_run):
                 "robustness/relearn_10_undesirable_rate", "robustness/relearn_50_undesirable_rate"):
         assert key in metrics, key
     for png in ("score_distribution.png", "precision_recall.png", "undesirable_rate.png",
-                "relearning.png"):
+                "relearning.png", "layer_attribution.png"):
         assert (out / "report" / png).stat().st_size > 1000
     assert "| rank |" in (out / "report" / "top_influential.md").read_text()
+    assert (out / "report" / "layer_attribution.csv").read_text().startswith("layer,attn,mlp\n")
 
 
 def test_rerun_recomputes_nothing_and_alpha_recomputes_from_select(first_run, cache, tmp_path):

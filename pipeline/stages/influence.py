@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from cluster.attribution import attribute_on_worker, attribution_step, wait_for_attribution
 from cluster.datasets import read_prepared
 from cluster.factor_job import fit_factors, passes
 from cluster.progress import Progress
@@ -63,7 +64,8 @@ def run_score(ctx: StageContext) -> dict:
     todo = missing_shards(work, shards)
     ctx.log(f"score: {len(shards) - len(todo)} of {len(shards)} shards reused from {work}")
     metrics = _score_missing(ctx, spec, queries, train, todo, cluster, work)
-    summary = finalize(work / RAW, ctx.output().ranked, cfg.influence.aggregate)
+    summary = finalize(work / RAW, ctx.output().ranked, cfg.influence.aggregate,
+                       _attribution(ctx, spec, queries, cluster, work))
     if summary["nonfinite"]:
         ctx.log(f"WARNING: {summary['nonfinite']} samples had NaN/inf gradients and are "
                 f"excluded: {summary['nonfinite_ids'][:10]}")
@@ -71,7 +73,32 @@ def run_score(ctx: StageContext) -> dict:
     return {"score/sequences_per_s": metrics["sequences_per_s"],
             "score/tokens_per_s": metrics["tokens_per_s"], "score/query_batches": n_batches,
             "score/nonfinite": summary["nonfinite"], "score/rows": summary["rows"],
-            "score/shards_reused": len(shards) - len(todo), "score/shards_scored": len(todo)}
+            "score/shards_reused": len(shards) - len(todo), "score/shards_scored": len(todo),
+            **{k: v for k, v in summary.items() if k.startswith("attribution/")}}
+
+
+def _factors(ctx: StageContext, spec) -> Path | None:
+    return ctx.input("fit_factors").root if spec.influence.uses_curvature else None
+
+
+def _attribution(ctx: StageContext, spec, queries, cluster, work: Path):
+    """``finalize``'s extra step: the top rows re-scored per unit on a worker, for their
+    ``unit_shares`` column (None: off, or a method without units)."""
+    if not spec.attributes:
+        if spec.attribution_top_k:
+            ctx.log(f"score: influence.method={spec.influence.method} has no units: no "
+                    "per-sublayer attribution")
+        return None
+    how = ctx.cfg.influence.aggregate
+
+    def rescore(rows, scales):
+        connect(cluster)
+        features = features_in(work, spec, queries, _factors(ctx, spec), cluster)
+        ctx.log(f"score: attributing the top {rows.num_rows} rows to their units")
+        return wait_for_attribution(attribute_on_worker(spec, features, rows, scales, how,
+                                                        cluster))
+
+    return attribution_step(work / RAW, spec.attribution_top_k, rescore)
 
 
 def _score_missing(ctx: StageContext, spec, queries, train: Path, todo, cluster, work: Path
@@ -79,8 +106,7 @@ def _score_missing(ctx: StageContext, spec, queries, train: Path, todo, cluster,
     """Score the missing shards (none: no Ray work at all); their throughput."""
     if todo:
         connect(cluster)
-        factors = ctx.input("fit_factors").root if spec.influence.uses_curvature else None
-        features = features_in(work, spec, queries, factors, cluster)
+        features = features_in(work, spec, queries, _factors(ctx, spec), cluster)
         total = sum(stop - start for start, stop in todo)
         with Progress("score", total, ctx.log) as progress:
             metrics = score_shards(train, todo, spec, features, cluster, work, progress.counter)

@@ -8,7 +8,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
+from operators.attribution import mean_group_shares  # noqa: E402
 from operators.metrics import precision_recall_curve  # noqa: E402
 from pipeline.artifacts import Selection  # noqa: E402
 from pipeline.dag import StageContext  # noqa: E402
@@ -122,14 +124,62 @@ def _top_table(table, label, selection: Selection, out) -> None:
     (out / "top_influential.md").write_text("\n".join(lines))
 
 
+def layer_attribution(names: list[str], rows: list[list[float]]
+                      ) -> dict[int, dict[str, float]]:
+    """Each layer's sublayers' mean share of the attributed samples' scores:
+    ``{layer: {"attn": …, "mlp": …}}`` (rows whose shares are undefined are left out)."""
+    shares = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(names))
+    table: dict[int, dict[str, float]] = {}
+    for (layer, part), mean in mean_group_shares(shares, names).items():
+        table.setdefault(layer, {})[part] = mean
+    return table
+
+
+def _attribution(selection: Selection, out) -> dict:
+    """``layer_attribution.png`` and ``.csv`` from the scores' ``unit_shares`` (none without
+    them: a method without units, or ``influence.attribution_top_k=0``); the per-layer means
+    as metrics ``attribution/layer<i>_<part>``."""
+    names, rows = selection.unit_shares()
+    if not names or not rows:
+        return {}
+    table = layer_attribution(names, rows)
+    parts = sorted({p for layer in table.values() for p in layer},
+                   key=lambda p: ({"attn": 0, "mlp": 1}.get(p, 2), p))
+    lines = [",".join(["layer", *parts])]
+    lines += [",".join([str(layer)] + [f"{table[layer].get(p, 0.0):.6g}" for p in parts])
+              for layer in sorted(table)]
+    (out / "layer_attribution.csv").write_text("\n".join(lines) + "\n")
+    _attribution_plot(table, parts, len(rows), out)
+    return {f"attribution/layer{layer}_{part}" if layer >= 0 else f"attribution/{part}": value
+            for layer, shares in table.items() for part, value in shares.items()}
+
+
+def _attribution_plot(table: dict[int, dict[str, float]], parts: list[str], n: int, out) -> None:
+    layers = sorted(table)
+    width = 0.8 / len(parts)
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * len(layers) + 2), 3.5))
+    for i, part in enumerate(parts):
+        ax.bar([x + (i - (len(parts) - 1) / 2) * width for x in range(len(layers))],
+               [table[layer].get(part, 0.0) for layer in layers], width=width, label=part)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean share of the score")
+    ax.set_title(f"Top {n} samples: share of each score per sublayer", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "layer_attribution.png", dpi=110)
+    plt.close(fig)
+
+
 def _cell(text: str, limit: int = 160) -> str:
     text = str(text).replace("|", "\\|").replace("\n", " ")
     return text if len(text) <= limit else text[:limit] + "…"
 
 
 def run(ctx: StageContext) -> dict:
-    """The plots and the top table, from the numbers of the scores (their text only for the
-    rows the table shows)."""
+    """The plots, the top table and the per-sublayer attribution, from the numbers of the
+    scores (their text only for the rows the table shows)."""
     label, selection = ctx.input("prepare").label_column(), ctx.input("select")
     table = selection.columns("id", "score", "rank", "set", *([label] if label else []))
     metrics = ctx.input("evaluate").metrics()
@@ -141,4 +191,4 @@ def run(ctx: StageContext) -> dict:
     _rates(metrics, out)
     _relearning(metrics, out)
     _top_table(table, label, selection, out)
-    return {}
+    return _attribution(selection, out)

@@ -34,8 +34,9 @@ STAGES = [
     Stage("fit_factors", influence.run_fit, ("prepare",), INFLUENCE_KEYS, "factors"),
     Stage("score", influence.run_score, ("prepare", "fit_factors"),
           INFLUENCE_KEYS + ("influence.query_batch_size", "influence.aggregate",
-                            "influence.similarity", "influence.query_rank"), "influence",
-          version="3"),  # 3: scored by fixed row-range shards (resumable)
+                            "influence.similarity", "influence.query_rank",
+                            "influence.attribution_top_k"), "influence",
+          version="4"),  # 4: the top rows' per-sublayer shares (unit_shares, issue #17)
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
     # ibo.batch_size is rows per worker: the real batch is batch_size × num_workers
@@ -45,5 +46,5 @@ STAGES = [
           artifacts=("metrics.json",), reads=evaluate_reads,
           version="3"),  # 3: over-refusal on clean prompts and relearning (issue #15)
     Stage("report", report.run, ("prepare", "select", "evaluate"), (), "report",
-          artifacts=(".",), version="2"),  # 2: harmful vs clean and relearning plots
+          artifacts=(".",), version="3"),  # 3: per-sublayer attribution (issue #17)
 ]
