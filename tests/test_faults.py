@@ -146,28 +146,6 @@ def test_a_stage_that_fails_half_way_leaves_no_output(tmp_path):
     assert list((tmp_path / "half").iterdir()) == []
 
 
-@pytest.mark.slow
-def test_a_killed_driver_reruns_skipping_finished_stages(tmp_path, tiny_pipeline):
-    cache, out = copy_cache(tiny_pipeline, tmp_path / "cache"), tmp_path / "out"
-    alpha = "influence.alpha=0.65"  # influence is reused; select onwards is new work
-    args = [sys.executable, "-m", "pipeline", "debug=tiny", "cluster.local_cpus=2", alpha,
-            f"cache_dir={cache}", f"output_dir={out}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    selects = set((cache / "select").glob("*/stage.json"))
-    deadline = time.time() + 600
-    while time.time() < deadline and set((cache / "select").glob("*/stage.json")) == selects:
-        time.sleep(0.2)
-    time.sleep(3)  # into the ibo stage
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait(timeout=60)
-    assert set((cache / "select").glob("*/stage.json")) != selects, "select never finished"
-    run_cli("debug=tiny", "cluster.local_cpus=2", alpha, "pipeline.until=ibo",
-            f"cache_dir={cache}", f"output_dir={tmp_path / 'rerun'}")
-    assert computed(tmp_path / "rerun") == {"ibo"}  # select and before: reused
-
-
 @contextmanager
 def small_disk(where: Path, size: str, *options: str):
     """A tmpfs of ``size`` mounted at ``where`` (root only), or a skip saying why not."""
@@ -260,11 +238,14 @@ def test_a_read_only_output_dir_ends_with_one_line_before_any_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_driver_killed_mid_scoring_resumes_by_shard(tmp_path, tiny_pipeline):
-    """Killed mid-scoring, the rerun keeps the finished shards and scores only the rest; the
-    result equals the shared uninterrupted run's (same ids, same scores)."""
+def test_a_killed_driver_reruns_skipping_finished_stages_and_resumes_scoring_by_shard(
+        tmp_path, tiny_pipeline):
+    """The driver (and the local Ray it started) is killed mid-scoring. The rerun reuses the
+    stage the killed run finished and the shards it scored, scores only the rest, and equals
+    the shared uninterrupted run (same ids, same scores)."""
     from pipeline_cli import stages
     cache = copy_cache(tiny_pipeline, tmp_path / "cache")
+    shutil.rmtree(cache / "prepare")  # computed again by the run that is killed
     shutil.rmtree(cache / "score")  # scored again, by shards of 16 rows
     score = ("debug=tiny", "cluster.local_cpus=2", "cluster.score_shard_rows=16",
              "pipeline.until=score", "mlflow.enabled=false")
@@ -278,10 +259,12 @@ def test_a_driver_killed_mid_scoring_resumes_by_shard(tmp_path, tiny_pipeline):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait(timeout=60)
+    assert list(cache.glob("prepare/*/stage.json")), "the killed run never finished prepare"
     kept = list(cache.glob("score/*.partial/raw/*.parquet"))
     total = -(-len(pq.read_table(cache.glob("prepare/*/train.parquet").__next__())) // 16)
     assert 3 <= len(kept) < total, f"{len(kept)} of {total} shards when killed"
     run_cli(*score, f"cache_dir={cache}", f"output_dir={tmp_path / 'resumed'}")
+    assert computed(tmp_path / "resumed") == {"score"}  # prepare (and fit_factors): reused
     resumed = stages(tmp_path / "resumed")["score"]
     assert resumed["score/shards_reused"] == len(kept)
     assert resumed["score/shards_scored"] == total - len(kept)
