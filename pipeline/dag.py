@@ -189,6 +189,18 @@ def _reuse(stage: Stage, final: Path, verify: str, log: Callable[[str], None]) -
     return None
 
 
+def to_compute(stages: list[Stage], cfg: LancetConf) -> list[str]:
+    """The stages with no finished record in the cache, in order (what a run will compute,
+    unless a recorded one proves damaged)."""
+    prints: dict[str, str] = {}
+    todo = []
+    for stage in order(stages):
+        prints[stage.name] = fingerprint(stage, cfg, prints)
+        if not (Path(cfg.cache_dir) / stage.name / prints[stage.name] / DONE).is_file():
+            todo.append(stage.name)
+    return todo
+
+
 def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], None]
             ) -> dict[str, dict]:
     """Run ``stages`` in order; returns each stage's metrics (with ``cached``)."""

@@ -16,7 +16,7 @@ from cluster.tracking import Tracker
 from operators.errors import UserError
 from pipeline import specs
 from pipeline.config import LancetConf, to_typed
-from pipeline.dag import run_dag, select_until
+from pipeline.dag import run_dag, select_until, to_compute
 from pipeline.faults import EXIT_CODE, write_fault
 from pipeline.records import CacheError
 from pipeline.stages.table import CLUSTER_STAGES, STAGES
@@ -65,7 +65,7 @@ def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: s
     specs.validate(cfg)
     specs.check_inputs(cfg)
     stages = select_until(STAGES, cfg.pipeline.until)
-    if any(s.name in CLUSTER_STAGES for s in stages):
+    if set(to_compute(stages, cfg)) & set(CLUSTER_STAGES):  # a cached run starts no Ray
         connect(specs.cluster(cfg))  # fails at once if the workers can never be placed
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ from pipeline_cli import computed, run_cli, stages
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 TINY = ("debug=tiny", "cluster.local_cpus=2")
+RAY_STARTED = "Started a local Ray instance"
 ALL = {"prepare", "fit_factors", "score", "select", "ibo", "evaluate", "report"}
 
 
@@ -62,8 +63,9 @@ def test_rerun_recomputes_nothing_and_alpha_recomputes_from_select(first_run, ca
     """A rerun computes nothing; a new α computes select (and, without ``pipeline.until``,
     what follows it), reuses what comes before, and MLflow tags each stage run so."""
     from mlflow.tracking import MlflowClient
-    run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'same'}")
+    same = run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'same'}")
     assert computed(tmp_path / "same") == set()
+    assert RAY_STARTED in first_run[1].stderr and RAY_STARTED not in same.stderr  # no need
     run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'alpha'}",
             "influence.alpha=0.5", "pipeline.until=select")
     assert computed(tmp_path / "alpha") == {"select"}
