@@ -65,10 +65,10 @@ def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: s
     specs.validate(cfg)
     specs.check_inputs(cfg)
     stages = select_until(STAGES, cfg.pipeline.until)
+    output = Path(cfg.output_dir)
+    output.mkdir(parents=True, exist_ok=True)  # an unwritable output fails before anything
     if set(to_compute(stages, cfg)) & set(CLUSTER_STAGES):  # a cached run starts no Ray
         connect(specs.cluster(cfg))  # fails at once if the workers can never be placed
-    output = Path(cfg.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     log.info(f"output_dir: {output.resolve()}")
     log.info(f"cache_dir:  {Path(cfg.cache_dir).resolve()}")
     config_file = output / "config.yaml"

@@ -131,7 +131,7 @@ def one_worker_reference(byo_inputs, cache) -> tuple[dict, dict]:
     from test_configs import compose_typed
 
     from cluster.batches import iter_row_batches, to_tensors
-    from cluster.scoring import _model_and_units
+    from cluster.scoring import model_and_units
     from operators.curvature import fit_curvature
     from operators.scores import aggregate, precondition_queries, score_batch
     from pipeline import specs
@@ -141,7 +141,7 @@ def one_worker_reference(byo_inputs, cache) -> tuple[dict, dict]:
                              if (p / "stage.json").is_file()))
     model_dir = prepared.model_dir()
     fit, spec = specs.factor_spec(cfg, model_dir), specs.score_spec(cfg, model_dir)
-    model, tok, units = _model_and_units(spec)
+    model, tok, units = model_and_units(spec)
     train = pq.read_table(prepared.train).to_pylist()
     batches = [to_tensors(c, tok, fit.tokenize) for c in iter_row_batches(train, 16)]
     curvature = fit_curvature(model, units, batches, fisher=fit.fisher, damping=fit.damping)
