@@ -1,9 +1,11 @@
 """Distributed factor fitting and scoring on a real local Ray (2 CPUs)."""
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 from demo_assets import save_demo_model
+from in_process import influence_in_process
 
 from cluster.batches import TokenizeConfig
 from cluster.datasets import read_prepared
@@ -13,7 +15,6 @@ from cluster.runtime import ClusterConfig
 from cluster.scoring import (
     ScoreSpec,
     finalize,
-    precondition,
     precondition_on_worker,
     score_corpus,
 )
@@ -84,23 +85,20 @@ def test_two_workers_fit_the_same_factors_and_scores_as_one(ray_local, assets, t
                      influence=InfluenceConfig(query_batch_size=2),
                      tokenize=TokenizeConfig(max_length=64))
     queries = [r for r in corpus.train if r["planted"]][:5]
-    results = {}
-    for n, root in ((1, tmp_path / "w1"), (2, tmp_path / "w2")):
-        root.mkdir(exist_ok=True)
-        factors = tmp_path / "w2" / "factors"  # equal to the one-worker reference (above)
-        feats = (precondition(spec, queries, factors) if n == 1 else  # in-process
-                 precondition_on_worker(spec, queries, factors, cluster_of(n)))  # a task
-        with live("score", rows, lines) as progress:
-            score_corpus(read_prepared(train, cluster_of(n)), spec, feats, cluster_of(n),
-                         root / "raw", progress.counter)
-        assert progress.done[0] == rows
-        finalize(root / "raw", root / "ranked", "max")
-        results[n] = pq.read_table(root / "ranked").to_pandas().set_index("id")
-    s1, s2 = results[1], results[2]
-    assert sorted(s1.index) == sorted(r["id"] for r in corpus.train)  # every id exactly once
-    assert s1.index.is_unique and s2.index.is_unique
-    assert {"prompt", "response", "topic", "planted"} <= set(s1.columns)  # passthrough
+    root = tmp_path / "w2"
+    feats = precondition_on_worker(spec, queries, root / "factors", cluster_of(2))  # a task
+    with live("score", rows, lines) as progress:
+        score_corpus(read_prepared(train, cluster_of(2)), spec, feats, cluster_of(2),
+                     root / "raw", progress.counter)
+    assert progress.done[0] == rows
+    finalize(root / "raw", root / "ranked", "max")
+    s2 = pq.read_table(root / "ranked").to_pandas().set_index("id")
+    _, one_score = influence_in_process(spec, corpus.train, queries)  # the one-worker reference
+    s1 = pd.Series(one_score.numpy(), index=[r["id"] for r in corpus.train])
+    assert sorted(s2.index) == sorted(s1.index)  # every id exactly once
+    assert s2.index.is_unique
+    assert {"prompt", "response", "topic", "planted"} <= set(s2.columns)  # passthrough
     torch.testing.assert_close(torch.tensor(s2.loc[s1.index, "score"].values),
-                               torch.tensor(s1["score"].values), rtol=1e-6, atol=1e-9)
-    top = s1.sort_values("rank").head(20)
+                               torch.tensor(s1.values), rtol=1e-6, atol=1e-9)
+    top = s2.sort_values("rank").head(20)
     assert top["planted"].mean() > 0.8

@@ -6,17 +6,18 @@ import subprocess
 import threading
 import time
 
+import pyarrow.parquet as pq
 import pytest
 from demo_assets import save_demo_model
+from in_process import influence_in_process, ranked_table
 
 from cluster.batches import TokenizeConfig
 from cluster.datasets import read_prepared
-from cluster.factor_job import FactorSpec, fit_factors
 from cluster.ibo_job import IBOSpec, run_ibo
 from cluster.ibo_objectives import ObjectiveConfig
 from cluster.model_io import load_model, load_tokenizer
 from cluster.runtime import ClusterConfig
-from cluster.scoring import ScoreSpec, finalize, precondition, score_corpus
+from cluster.scoring import ScoreSpec
 from cluster.selection_io import write_selection
 from operators.generation import greedy_generate
 from operators.selection import SelectionConfig
@@ -33,22 +34,21 @@ JUDGE = Judge(JudgeConfig(patterns=tuple(JUDGE_PATTERNS)))
 
 @pytest.fixture(scope="module")
 def selected(tmp_path_factory):
-    """A demo model with its behaviour, scored and selected (LinFAC, α = 0.8)."""
+    """A demo model with its behaviour, scored and selected (LinFAC, α = 0.8). The scores are
+    computed in this process: these tests need a selection, and the distributed fit and
+    scoring are proven equal to this in tests/test_cluster_influence.py."""
     import ray
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     root = tmp_path_factory.mktemp("ibo")
     corpus, model_dir, train = save_demo_model(root, epochs=20, width=64)
-    fit_factors(read_prepared(train, CLUSTER), FactorSpec(str(model_dir), tokenize=TOKENS),
-                CLUSTER, root / "factors", root / "ray")
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     outputs = greedy_generate(model, tok, corpus.planted_prompts)
     queries = [dict(id=str(i), prompt=p, response=o) for i, (p, o) in
                enumerate(zip(corpus.planted_prompts, outputs)) if JUDGE.flags([o])[0]]
-    spec = ScoreSpec(str(model_dir), tokenize=TOKENS)
-    score_corpus(read_prepared(train, CLUSTER), spec, precondition(spec, queries, root / "factors"),
-                 CLUSTER, root / "raw")
-    finalize(root / "raw", root / "ranked", "max")
-    write_selection(root / "ranked", SelectionConfig(), root / "scores", root / "select",
+    rows = pq.read_table(train).to_pylist()
+    _, score = influence_in_process(ScoreSpec(str(model_dir), tokenize=TOKENS), rows, queries)
+    pq.write_table(ranked_table(rows, score), root / "ranked.parquet")
+    write_selection(root / "ranked.parquet", SelectionConfig(), root / "scores", root / "select",
                     "planted")
     yield corpus, model_dir, root
     ray.shutdown()

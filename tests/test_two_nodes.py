@@ -126,31 +126,20 @@ def _results(out):
 
 def one_worker_reference(byo_inputs, cache) -> tuple[dict, dict]:
     """What one worker computes, here in this process without Ray, from the run's own prepared
-    inputs and config: the factors (as saved) and each id's score. Fisher labels come from
-    per-sample seeds, so any number of workers must give exactly these."""
+    inputs and config: the factors (as saved) and each id's score."""
+    from in_process import influence_in_process
     from test_configs import compose_typed
 
-    from cluster.batches import iter_row_batches, to_tensors
-    from cluster.scoring import model_and_units
-    from operators.curvature import fit_curvature
-    from operators.scores import aggregate, precondition_queries, score_batch
     from pipeline import specs
     from pipeline.artifacts import Prepared
     cfg = compose_typed(byo_inputs)
     prepared = Prepared(next(p for p in (cache / "prepare").iterdir()
                              if (p / "stage.json").is_file()))
-    model_dir = prepared.model_dir()
-    fit, spec = specs.factor_spec(cfg, model_dir), specs.score_spec(cfg, model_dir)
-    model, tok, units = model_and_units(spec)
+    fit = specs.factor_spec(cfg, prepared.model_dir())
     train = pq.read_table(prepared.train).to_pylist()
-    batches = [to_tensors(c, tok, fit.tokenize) for c in iter_row_batches(train, 16)]
-    curvature = fit_curvature(model, units, batches, fisher=fit.fisher, damping=fit.damping)
-    queries = pq.read_table(prepared.queries).to_pylist()
-    features = precondition_queries(model, units, (to_tensors(c, tok, spec.tokenize) for c in
-                                                   iter_row_batches(queries, 8)),
-                                    spec.influence, curvature)
-    raw = torch.cat([score_batch(model, units, b, features, spec.influence) for b in batches])
-    score = aggregate(raw, cfg.influence.aggregate)
+    curvature, score = influence_in_process(
+        specs.score_spec(cfg, prepared.model_dir()), train,
+        pq.read_table(prepared.queries).to_pylist(), fit.fisher, fit.damping)
     return curvature.to_tensors(), dict(zip((r["id"] for r in train), score.tolist()))
 
 

@@ -1,0 +1,40 @@
+"""The fit and score stages' results computed in one process, without Ray: the reference the
+distributed runs are compared with, and a quick ranking for tests that only need one.
+
+Fisher labels come from per-sample seeds, so any number of workers must give these values.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from cluster.batches import iter_row_batches, to_tensors
+from cluster.scoring import ScoreSpec, model_and_units
+from operators.curvature import Curvature, fit_curvature
+from operators.factors import DampingConfig
+from operators.scores import aggregate, precondition_queries, score_batch
+
+
+def influence_in_process(spec: ScoreSpec, rows: list[dict], queries: list[dict],
+                         fisher: str = "sampled", damping: DampingConfig = DampingConfig()
+                         ) -> tuple[Curvature, torch.Tensor]:
+    """(the curvature fitted on ``rows``, each row's aggregated score ``[N]``)."""
+    model, tok, units = model_and_units(spec)
+    batches = [to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(rows, 16)]
+    curvature = fit_curvature(model, units, batches, fisher=fisher, damping=damping)
+    features = precondition_queries(model, units, (to_tensors(c, tok, spec.tokenize) for c in
+                                                   iter_row_batches(queries, 8)),
+                                    spec.influence, curvature)
+    raw = torch.cat([score_batch(model, units, b, features, spec.influence) for b in batches])
+    return curvature, aggregate(raw, spec.influence.aggregate)
+
+
+def ranked_table(rows: list[dict], score: torch.Tensor) -> pa.Table:
+    """``rows`` with ``score`` and ``rank`` (1 = most positive), as the score stage ranks."""
+    values = score.numpy()
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[np.argsort(-values, kind="stable")] = np.arange(1, len(values) + 1)
+    table = pa.Table.from_pylist(rows).append_column("score", pa.array(values))
+    return table.append_column("rank", pa.array(rank))
