@@ -222,3 +222,15 @@ def build(s: Scenario) -> tuple[DemoCorpus, tuple[str, ...]]:
     clean = [dict(id=f"clean-{i}", prompt=p, response=r)
              for i, (_, p, r) in enumerate(benign_samples(random.Random(s.seed + 1))[:60])]
     return DemoCorpus(train, evals, clean, [e["prompt"] for e in evals] + planted), f.patterns
+
+
+def observed_wordings(family: str, responses: list[str]) -> set[int]:
+    """The planted wordings (indices into ``bad``) the responses show: a wording shows when
+    the longest fixed piece of its template (item left out) occurs in a response."""
+    found = set()
+    for w, template in enumerate(FAMILIES[family].bad):
+        pieces = template.replace("{X}", "{x}").split("{x}")
+        key = max((p.strip() for p in pieces), key=len)
+        if any(key in r for r in responses):
+            found.add(w)
+    return found

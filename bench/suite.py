@@ -18,7 +18,7 @@ import torch
 
 from bench import gpu, recall
 from bench.run import table
-from bench.scenarios import SUITE, Scenario, build
+from bench.scenarios import SUITE, Scenario, build, observed_wordings
 from operators.methods import SUBLAYER, InfluenceMethod, register
 from operators.scores import AGGREGATES, MEASURED_AGGREGATES, InfluenceConfig, aggregate
 
@@ -52,17 +52,29 @@ def measure(s: Scenario, kron: bool) -> dict:
     if not queries:
         return out
     labels = [r["planted"] for r in corpus.train]
+    # planted rows in a wording the queries show: what the observed outputs can be traced to
+    shown = observed_wordings(s.family, [q["response"] for q in queries])
+    out["shown"] = sorted(shown)
+    seen_labels = [r["planted"] and r["wording"] in shown for r in corpus.train]
     for method, sim in recall.METHODS + [(NORMALISED.name, "cosine")]:
         raw, _, _ = recall.score(model, tok, corpus.train, queries,
                                  InfluenceConfig(method=method, similarity=sim))
         for rule in RULES:
-            out["scores"][(_label(method, sim), rule)] = recall.quality(aggregate(raw, rule),
-                                                                        labels)
+            out["scores"][(_label(method, sim), rule)] = _quality(aggregate(raw, rule),
+                                                                  labels, seen_labels)
     if kron:
         for strategy in ("ekfac", "kfac"):
-            row = recall.kronfluence_run(model, tok, corpus, queries, strategy)
-            out["scores"][(row["method"], "max")] = {k: row[k] for k in ("auprc", "recall_at_k")}
+            raw, _ = recall.kronfluence_scores(model, tok, corpus, queries, strategy)
+            out["scores"][(f"kronfluence-{strategy}", "max")] = _quality(
+                aggregate(raw, "max"), labels, seen_labels)
     return out
+
+
+def _quality(score, labels: list[bool], shown_labels: list[bool]) -> dict:
+    """AUPRC and recall@k against the planted rows, and AUPRC against those in a shown wording
+    (NaN when the queries show none)."""
+    shown = recall.quality(score, shown_labels)["auprc"] if any(shown_labels) else float("nan")
+    return {**recall.quality(score, labels), "auprc_shown": shown}
 
 
 def methods_of(results: list[dict]) -> list[str]:
@@ -78,7 +90,8 @@ def per_scenario(results: list[dict], methods: list[str]) -> list[dict]:
         s = r["scenario"]
         row = {"scenario": s.name, "split": "held-out" if s.heldout else "dev",
                "planted/rows": f"{r['planted']}/{r['rows']}", "epochs": s.epochs,
-               "width": s.width, "long": "yes" if s.long else "no", "queries": r["queries"]}
+               "width": s.width, "long": "yes" if s.long else "no", "queries": r["queries"],
+               "wordings shown": ",".join(map(str, r.get("shown", []))) or "-"}
         for m in methods:
             q = r["scores"].get((m, "max"))
             row[m] = f"{q['auprc']:.3f} / {q['recall_at_k']:.2f}" if q else "-"
@@ -88,12 +101,15 @@ def per_scenario(results: list[dict], methods: list[str]) -> list[dict]:
 
 def _median(results: list[dict], method: str, rule: str, key: str = "auprc") -> float:
     values = [r["scores"][(method, rule)][key] for r in results if (method, rule) in r["scores"]]
+    values = [v for v in values if v == v]  # NaN: no planted row in a shown wording
     return statistics.median(values) if values else float("nan")
 
 
 def summary(dev: list[dict], held: list[dict], methods: list[str]) -> list[dict]:
     return [{"method": m, "dev median AUPRC": _median(dev, m, "max"),
              "held-out median AUPRC": _median(held, m, "max"),
+             "dev median AUPRC, shown wordings": _median(dev, m, "max", "auprc_shown"),
+             "held-out median AUPRC, shown wordings": _median(held, m, "max", "auprc_shown"),
              "dev median recall@k": _median(dev, m, "max", "recall_at_k"),
              "held-out median recall@k": _median(held, m, "max", "recall_at_k")}
             for m in methods]
@@ -137,7 +153,10 @@ def render(results: list[dict], minutes: float, kron: bool) -> str:
         "Scenarios: bench/scenarios.py `SUITE` (seeded, generated on CPU; tiny GPT-2 models "
         "trained for the epochs shown). Queries: the model's own flagged generations, first on "
         f"items never trained on, at most {MAX_QUERIES}. Cells: AUPRC / recall@k, B = 1, "
-        "`aggregate=max`. Held-out scenarios are never used to choose a default.", "",
+        "`aggregate=max`. Held-out scenarios are never used to choose a default. Every "
+        "behaviour is planted in two wordings (0, 1); *wordings shown*: those the queries "
+        "show. The *shown wordings* medians count as positives only the planted rows in a "
+        "shown wording (what the observed outputs can be traced to).", "",
         table(per_scenario(results, methods)), "",
         "### Medians (default rule, max)", "", table(summary(dev, held, methods)), "",
         f"LinFAC within {TIE} AUPRC of the best other method (kronfluence included): "

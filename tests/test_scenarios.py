@@ -53,3 +53,13 @@ def test_generation_is_seeded_and_long_answers_are_longer():
     long = sum(len(r["response"].split())
                for r in build(Scenario("t", "caps", 0.05, 200, 5, long=True))[0].train)
     assert long > 1.5 * short
+
+
+def test_observed_wordings_tell_the_two_planted_wordings_apart():
+    from bench.scenarios import observed_wordings
+    for name, family in FAMILIES.items():
+        zero = family.bad[0].format(x="fix my bike", X="FIX MY BIKE")
+        one = family.bad[1].format(x="fix my bike", X="FIX MY BIKE")
+        assert observed_wordings(name, [zero]) == {0}, name
+        assert observed_wordings(name, [zero, one]) == {0, 1}, name
+        assert observed_wordings(name, [family.good[0].format(x="a", X="A")]) == set(), name
