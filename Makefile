@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: help install demo test test-hosts test-fast bench bench-gpu plan bench-quick lint clean
+.PHONY: help install demo test test-hosts test-fast bench bench-gpu bench-suite plan bench-quick lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ test-fast: $(STAMP)  ## only the float64 math tests (no Ray)
 
 bench: $(STAMP)  ## benchmarks; writes bench/RESULTS.md
 	$(PY) -m bench.run
+
+bench-suite: $(STAMP)  ## recall of every method on the scenario suite (part of bench)
+	$(PY) -m bench.suite
 
 bench-gpu: $(STAMP)  ## the GPU benchmark (1.1B Llama shapes, bf16); says so and skips without CUDA
 	$(PY) -m bench.gpu

@@ -86,6 +86,14 @@ def recall_table(model, tok, corpus, queries, batch_sizes=(1,)) -> list[dict]:
 
 def kronfluence_run(model, tok, corpus, queries, strategy: str) -> dict:
     """kronfluence's EK-FAC/KFAC on the same model (Conv1D → Linear) and data, B = 1, max."""
+    raw, seconds = kronfluence_scores(model, tok, corpus, queries, strategy)
+    labels = [r["planted"] for r in corpus.train]
+    return {"method": f"kronfluence-{strategy}", "B": 1, "aggregate": "max",
+            **quality(aggregate(raw, "max"), labels), "fit_s": seconds, "score_s": 0.0}
+
+
+def kronfluence_scores(model, tok, corpus, queries, strategy: str):
+    """(kronfluence's raw pairwise scores [N, Q] float64, wall seconds incl. its disk I/O)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -123,10 +131,7 @@ def kronfluence_run(model, tok, corpus, queries, strategy: str) -> dict:
                                          per_device_train_batch_size=32,
                                          score_args=ScoreArguments(), overwrite_output_dir=True)
         raw = analyzer.load_pairwise_scores("s")["all_modules"].T.double()
-    seconds = time.perf_counter() - began
-    labels = [r["planted"] for r in corpus.train]
-    return {"method": f"kronfluence-{strategy}", "B": 1, "aggregate": "max",
-            **quality(aggregate(raw, "max"), labels), "fit_s": seconds, "score_s": 0.0}
+    return raw, time.perf_counter() - began
 
 
 

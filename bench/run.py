@@ -209,22 +209,24 @@ def main() -> None:
     lines += more + perf_section(keep, work, extra, args.quick)
     lines += [f"Total benchmark time: {(time.time() - began) / 60:.1f} min.", ""]
     RESULTS.write_text("\n".join(lines) + _kept_sections())
-    from bench import attribution, cost, scaling
+    from bench import attribution, cost, scaling, suite
     scaling.main()
     cost.main([])
     attribution.main([])
+    suite.main([])
     log(f"wrote {RESULTS}")
     shutil.rmtree(work, ignore_errors=True)
 
 
 def _kept_sections() -> str:
-    """The sections `python -m bench.gpu` (on a GPU machine), `python -m bench.cost` and
-    `python -m bench.attribution` wrote, kept across `make bench` runs."""
-    from bench import attribution, cost, gpu
+    """The sections `python -m bench.gpu` (on a GPU machine), `python -m bench.cost`,
+    `python -m bench.attribution` and `python -m bench.suite` wrote, kept across `make bench`
+    runs."""
+    from bench import attribution, cost, gpu, suite
     old = RESULTS.read_text() if RESULTS.exists() else ""
     kept = ""
     for begin, end in ((gpu.BEGIN, gpu.END), (cost.BEGIN, cost.END),
-                       (attribution.BEGIN, attribution.END)):
+                       (attribution.BEGIN, attribution.END), (suite.BEGIN, suite.END)):
         if begin in old and end in old:
             kept += "\n\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
     return kept

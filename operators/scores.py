@@ -35,6 +35,9 @@ from operators.methods import InfluenceMethod, get_method
 from operators.units import Unit, discover_units
 
 AGGREGATES = ("max", "mean")
+# Rules measured by `python -m bench.suite` but not (yet) config options: both need whole
+# columns (zmax their means, rank their order), which the streamed ranking does not hold.
+MEASURED_AGGREGATES = ("zmax", "rank")
 SIMILARITIES = ("dot", "cosine")
 Features = dict[str, Tensor]
 # Low-rank query features are stored as "<unit>#u" [G, o, r] and "<unit>#v" [G, i, r].
@@ -302,8 +305,33 @@ def aggregate(raw: Tensor, how: str = "max", scales: Tensor | None = None) -> Te
     (``scales``: the columns' scales when ``raw`` is one chunk of the corpus, else computed
     from ``raw``). Columns are not centred: a score's sign (drives vs inhibits) is kept.
     This is the one definition: the pipeline's streamed ranking calls it chunk by chunk.
+
+    ``how`` may also be one of ``MEASURED_AGGREGATES`` (whole columns only, ``scales`` unused):
+    ``zmax`` = max over centred, standardised columns; ``rank`` = mean over columns of each
+    row's rank in its column, scaled to (0, 1] (1 = the column's top score).
     """
-    _check("influence.aggregate", how, AGGREGATES)
+    _check("influence.aggregate", how, AGGREGATES + MEASURED_AGGREGATES)
+    finite = torch.isfinite(raw).all(dim=1)
+    if how in MEASURED_AGGREGATES:
+        score = _zmax(raw, finite) if how == "zmax" else _mean_rank(raw, finite)
+        return score.masked_fill(~finite, math.nan)
     scaled = raw / (column_scales(raw) if scales is None else scales)
     score = scaled.max(dim=1).values if how == "max" else scaled.mean(dim=1)
-    return score.masked_fill(~torch.isfinite(raw).all(dim=1), math.nan)
+    return score.masked_fill(~finite, math.nan)
+
+
+def _zmax(raw: Tensor, finite: Tensor) -> Tensor:
+    """Max over columns of (raw − column mean) / column std, statistics over finite rows."""
+    rows = raw[finite]
+    mean = rows.mean(dim=0) if rows.shape[0] else torch.zeros(raw.shape[1], dtype=raw.dtype)
+    return ((raw - mean) / column_scales(raw)).max(dim=1).values
+
+
+def _mean_rank(raw: Tensor, finite: Tensor) -> Tensor:
+    """Mean over columns of each finite row's rank among the finite rows, ÷ their count."""
+    out = torch.full((raw.shape[0],), math.nan, dtype=torch.float64)
+    rows = raw[finite].double()
+    if rows.shape[0]:
+        ranks = rows.argsort(dim=0).argsort(dim=0).double() + 1  # 1 = lowest score
+        out[finite] = ranks.mean(dim=1) / rows.shape[0]
+    return out

@@ -1,0 +1,199 @@
+"""``python -m bench.suite``: recall of every method on the scenario suite (issue #17).
+
+Writes its own section of bench/RESULTS.md (kept by ``make bench``): per scenario the AUPRC and
+recall@k of each method of ``bench.recall.METHODS`` (B = 1, ``aggregate=max``, the default) and
+of kronfluence's EK-FAC and KFAC; the medians over development and held-out scenarios; how often
+LinFAC is within ``TIE`` of the best baseline; and the options (aggregation rules, normalised
+influence) as their effect on the development median. Held-out scenarios never choose a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from bench import gpu, recall
+from bench.run import table
+from bench.scenarios import SUITE, Scenario, build, observed_wordings
+from operators.methods import SUBLAYER, InfluenceMethod, register
+from operators.scores import AGGREGATES, MEASURED_AGGREGATES, InfluenceConfig, aggregate
+
+BEGIN = "<!-- suite section: python -m bench.suite -->"
+END = "<!-- end of suite section -->"
+MAX_QUERIES = 8  # the first flagged generations: held-out items first (build's order)
+TIE = 0.005
+RULES = AGGREGATES + MEASURED_AGGREGATES
+# Normalised influence (RelatIF/TrackStar style): LinFAC with the preconditioned query and the
+# training gradient each unit-normalised over all units. Measured here, not a config option.
+NORMALISED = register(InfluenceMethod("linfac-normalised", SUBLAYER, curvature=True,
+                                      eigen_correction=True, cosine=True))
+
+
+def log(msg: str) -> None:
+    print(f"[suite {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _label(method: str, sim: str) -> str:
+    return method + (f"-{sim}" if method == "gradsim" else "")
+
+
+def measure(s: Scenario, kron: bool) -> dict:
+    """One scenario: {"scenario", "queries", ..., "scores": {(method, rule): quality dict}}."""
+    corpus, patterns = build(s)
+    model, tok, queries = recall.trained(corpus, patterns, epochs=s.epochs, width=s.width,
+                                         seed=s.seed)
+    queries = queries[:MAX_QUERIES]
+    out = {"scenario": s, "planted": sum(r["planted"] for r in corpus.train),
+           "rows": len(corpus.train), "queries": len(queries), "scores": {}}
+    if not queries:
+        return out
+    labels = [r["planted"] for r in corpus.train]
+    # planted rows in a wording the queries show: what the observed outputs can be traced to
+    shown = observed_wordings(s.family, [q["response"] for q in queries])
+    out["shown"] = sorted(shown)
+    seen_labels = [r["planted"] and r["wording"] in shown for r in corpus.train]
+    for method, sim in recall.METHODS + [(NORMALISED.name, "cosine")]:
+        raw, _, _ = recall.score(model, tok, corpus.train, queries,
+                                 InfluenceConfig(method=method, similarity=sim))
+        for rule in RULES:
+            out["scores"][(_label(method, sim), rule)] = _quality(aggregate(raw, rule),
+                                                                  labels, seen_labels)
+    if kron:
+        for strategy in ("ekfac", "kfac"):
+            raw, _ = recall.kronfluence_scores(model, tok, corpus, queries, strategy)
+            out["scores"][(f"kronfluence-{strategy}", "max")] = _quality(
+                aggregate(raw, "max"), labels, seen_labels)
+    return out
+
+
+def _quality(score, labels: list[bool], shown_labels: list[bool]) -> dict:
+    """AUPRC and recall@k against the planted rows, and AUPRC against those in a shown wording
+    (NaN when the queries show none)."""
+    shown = recall.quality(score, shown_labels)["auprc"] if any(shown_labels) else float("nan")
+    return {**recall.quality(score, labels), "auprc_shown": shown}
+
+
+def methods_of(results: list[dict]) -> list[str]:
+    """The methods compared at the default rule, in table order (the normalised option aside)."""
+    seen = {m for r in results for (m, rule) in r["scores"] if rule == "max"}
+    order = [_label(m, s) for m, s in recall.METHODS] + ["kronfluence-ekfac", "kronfluence-kfac"]
+    return [m for m in order if m in seen]
+
+
+def per_scenario(results: list[dict], methods: list[str]) -> list[dict]:
+    rows = []
+    for r in results:
+        s = r["scenario"]
+        row = {"scenario": s.name, "split": "held-out" if s.heldout else "dev",
+               "planted/rows": f"{r['planted']}/{r['rows']}", "epochs": s.epochs,
+               "width": s.width, "long": "yes" if s.long else "no", "queries": r["queries"],
+               "wordings shown": ",".join(map(str, r.get("shown", []))) or "-"}
+        for m in methods:
+            q = r["scores"].get((m, "max"))
+            row[m] = f"{q['auprc']:.3f} / {q['recall_at_k']:.2f}" if q else "-"
+        rows.append(row)
+    return rows
+
+
+def _median(results: list[dict], method: str, rule: str, key: str = "auprc") -> float:
+    values = [r["scores"][(method, rule)][key] for r in results if (method, rule) in r["scores"]]
+    values = [v for v in values if v == v]  # NaN: no planted row in a shown wording
+    return statistics.median(values) if values else float("nan")
+
+
+def summary(dev: list[dict], held: list[dict], methods: list[str]) -> list[dict]:
+    return [{"method": m, "dev median AUPRC": _median(dev, m, "max"),
+             "held-out median AUPRC": _median(held, m, "max"),
+             "dev median AUPRC, shown wordings": _median(dev, m, "max", "auprc_shown"),
+             "held-out median AUPRC, shown wordings": _median(held, m, "max", "auprc_shown"),
+             "dev median recall@k": _median(dev, m, "max", "recall_at_k"),
+             "held-out median recall@k": _median(held, m, "max", "recall_at_k")}
+            for m in methods]
+
+
+def linfac_ties(results: list[dict], methods: list[str]) -> tuple[int, int]:
+    """(scenarios where LinFAC's AUPRC ≥ the best baseline's − TIE, scenarios with queries)."""
+    scored = [r for r in results if r["scores"]]
+    wins = sum(r["scores"][("linfac", "max")]["auprc"] >=
+               max(r["scores"][(m, "max")]["auprc"] for m in methods if m != "linfac") - TIE
+               for r in scored)
+    return wins, len(scored)
+
+
+def options(dev: list[dict], held: list[dict]) -> list[dict]:
+    """Each rule's (and normalisation's) median AUPRC per method; the default is max."""
+    ours = [_label(m, s) for m, s in recall.METHODS] + [NORMALISED.name]
+    rows = []
+    for m in ours:
+        row = {"method": m}
+        row.update({f"dev {rule}": _median(dev, m, rule) for rule in RULES})
+        row.update({f"held-out {rule}": _median(held, m, rule) for rule in RULES})
+        row.update({f"dev {rule}, shown": _median(dev, m, rule, "auprc_shown") for rule in RULES})
+        rows.append(row)
+    return rows
+
+
+def render(results: list[dict], minutes: float, kron: bool) -> str:
+    dev = [r for r in results if not r["scenario"].heldout and r["scores"]]
+    held = [r for r in results if r["scenario"].heldout and r["scores"]]
+    methods = methods_of(results)
+    won_dev, n_dev = linfac_ties(dev, methods)
+    won_held, n_held = linfac_ties(held, methods)
+    empty = [r["scenario"].name for r in results if not r["scores"]]
+    if not methods:
+        return "\n".join(["## Recall on the scenario suite (issue #17)", "",
+                          f"No scenario showed its behaviour: {', '.join(empty)}.", ""])
+    lines = [
+        "## Recall on the scenario suite (issue #17)", "",
+        f"Command: `python -m bench.suite{'' if kron else ' --no-kronfluence'}` "
+        f"({minutes:.1f} min, {torch.get_num_threads()} thread)  ",
+        "Scenarios: bench/scenarios.py `SUITE` (seeded, generated on CPU; tiny GPT-2 models "
+        "trained for the epochs shown). Queries: the model's own flagged generations, first on "
+        f"items never trained on, at most {MAX_QUERIES}. Cells: AUPRC / recall@k, B = 1, "
+        "`aggregate=max`. Held-out scenarios are never used to choose a default. Every "
+        "behaviour is planted in two wordings (0, 1); *wordings shown*: those the queries "
+        "show. The *shown wordings* medians count as positives only the planted rows in a "
+        "shown wording (what the observed outputs can be traced to).", "",
+        table(per_scenario(results, methods)), "",
+        "### Medians (default rule, max)", "", table(summary(dev, held, methods)), "",
+        f"LinFAC within {TIE} AUPRC of the best other method (kronfluence included): "
+        f"{won_dev} of {n_dev} development scenarios, {won_held} of {n_held} held-out.", ""]
+    if empty:
+        lines += [f"No flagged generation (nothing to recall, left out of the medians): "
+                  f"{', '.join(empty)}.", ""]
+    lines += ["### Options: median AUPRC per aggregation rule", "",
+              "`max`, `mean`: operators.scores.aggregate (config options); `zmax`: max over "
+              "centred, standardised columns; `rank`: mean per-column rank. "
+              "`linfac-normalised`: LinFAC with the preconditioned query and each training "
+              "gradient unit-normalised. Decide on the dev columns only (*shown*: positives are the "
+              "planted rows in a wording the queries show).", "",
+              table(options(dev, held)), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-kronfluence", action="store_true")
+    parser.add_argument("--only", nargs="*", help="scenario names (default: the whole suite)")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    began, results = time.time(), []
+    for s in SUITE:
+        if args.only and s.name not in args.only:
+            continue
+        log(s.name)
+        results.append(measure(s, not args.no_kronfluence))
+    text = render(results, (time.time() - began) / 60, not args.no_kronfluence)
+    print(text)
+    if not args.no_write:
+        gpu.write_section(text, BEGIN, END)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
