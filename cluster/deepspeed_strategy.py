@@ -36,6 +36,21 @@ def resolve_ds_config(config: dict, use_gpu: bool, dtype: str = "float32") -> di
     return config
 
 
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU shared-memory all-reduce op
+
+
+def skip_inference_shm_op() -> None:
+    """Never build DeepSpeed's CPU shared-memory op.
+
+    On the CPU accelerator DeepSpeed JIT-compiles it when its comm backend starts: about a
+    minute on each fresh machine, under a build lock a killed build leaves behind. It serves
+    only ``inference_all_reduce``, which training never calls (its all-reduces go through
+    torch.distributed), so marking it incompatible changes no result.
+    """
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False
+
+
 class DeepSpeedStrategy:
     """Owns the DeepSpeed engine of one Ray Train worker."""
 
@@ -47,6 +62,7 @@ class DeepSpeedStrategy:
         """``deepspeed.initialize`` with a torch optimizer (DeepSpeed's own Adam compiles ops)."""
         clear_stale_locks()  # a build killed earlier would make DeepSpeed's op build wait forever
         import deepspeed
+        skip_inference_shm_op()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,

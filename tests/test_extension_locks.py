@@ -22,3 +22,13 @@ def test_only_locks_older_than_any_real_build_are_removed(tmp_path):
 def test_the_root_is_torch_extensions_dir_when_set(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert extensions_root() == tmp_path
+
+
+def test_deepspeed_never_builds_its_inference_shm_op():
+    """The op serves only inference all-reduce; building it cost a minute on a fresh machine."""
+    import importlib
+
+    from cluster.deepspeed_strategy import skip_inference_shm_op
+    ds_comm = importlib.import_module("deepspeed.comm.torch")  # the attribute is torch itself
+    skip_inference_shm_op()
+    assert ds_comm.build_shm_op() is None
