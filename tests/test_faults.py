@@ -69,10 +69,11 @@ def kill_when(title: str, ready=lambda: True, delay: float = 0.5, timeout: float
     return killed, thread
 
 
-def fit(assets, out):
+def fit(assets, out, progress=None):
     corpus, model_dir, root = assets
     spec = FactorSpec(str(model_dir), dtype="float64", tokenize=TOKENS)
-    fit_factors(read_prepared(root / "big.parquet", CLUSTER), spec, CLUSTER, out, root / "ray")
+    fit_factors(read_prepared(root / "big.parquet", CLUSTER), spec, CLUSTER, out, root / "ray",
+                progress=progress)
     return load_curvature(out)[0]
 
 
@@ -89,24 +90,41 @@ def undisturbed(assets):
     return fit_curvature(model, discover_units(model, "linfac"), batches)
 
 
-def test_a_worker_killed_during_factor_fitting_is_retried_to_the_same_factors(assets):
-    root = assets[2]
-    calm = undisturbed(assets)
-    killed, thread = kill_when("RayTrainWorker", delay=4.0)
-    disturbed = fit(assets, root / "disturbed")
+def fitting_started(lines: list[str]) -> bool:
+    """A progress line counts sequences already fitted (``fit_factors: 12/2272 …``)."""
+    return any(int(line.split(": ", 1)[1].split("/")[0]) > 0 for line in lines)
+
+
+@pytest.fixture(scope="module")
+def killed_fit(assets):
+    """A factor fit whose worker is killed once it is fitting (not while the group starts: a
+    worker lost at start-up is a controller error that Ray Train does not retry)."""
+    from cluster.progress import Progress
+    rows, lines = 4 * len(assets[0].train), []
+    with Progress("fit_factors", 2 * rows, lines.append, every_s=0.0, poll_s=0.05,
+                  tty=False) as progress:
+        killed, thread = kill_when("RayTrainWorker", ready=lambda: fitting_started(lines),
+                                   delay=0.2)
+        curvature = fit(assets, assets[2] / "factors", progress.counter)
     thread.join(timeout=5)
+    return killed, curvature
+
+
+def test_a_worker_killed_during_factor_fitting_is_retried_to_the_same_factors(assets,
+                                                                              killed_fit):
+    killed, disturbed = killed_fit
+    calm = undisturbed(assets)
     assert killed, "no factor worker was killed"
     for name in calm.eigens:
         torch.testing.assert_close(disturbed.lambdas[name], calm.lambdas[name], rtol=1e-6,
                                    atol=1e-12)
 
 
-def test_a_scoring_actor_killed_mid_stream_still_scores_every_id_once(assets):
+def test_a_scoring_actor_killed_mid_stream_still_scores_every_id_once(assets, killed_fit):
     corpus, model_dir, root = assets
     spec = ScoreSpec(str(model_dir), tokenize=TOKENS)
-    fit(assets, root / "factors") if not (root / "factors").exists() else None
     queries = [r for r in corpus.train if r["planted"]][:4]
-    features = precondition(spec, queries, root / "factors")
+    features = precondition(spec, queries, root / "factors")  # the killed fit's factors
     raw = root / "raw"
     killed, thread = kill_when("MapBatches(Scorer)",
                                ready=lambda: raw.exists() and any(raw.glob("*.parquet")),
