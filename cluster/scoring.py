@@ -41,6 +41,7 @@ from operators.factors import stat_dtype
 from operators.scores import (
     InfluenceConfig,
     aggregate,
+    grouping_order,
     precondition_queries,
     score_batch,
     units_for,
@@ -97,9 +98,13 @@ def precondition(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | Non
             raise UserError(f"factors in {factor_dir} were fitted for other units than "
                              f"influence.method={spec.influence.method} on this model")
         curvature = curvature.to(device, stat_dtype(DTYPES[spec.dtype]))
-    batches = (to_tensors(cols, tokenizer, spec.tokenize, device)
-               for cols in iter_row_batches(query_rows, batch_size))
-    features = precondition_queries(model, units, batches, spec.influence, curvature)
+    def batches(rows):
+        return (to_tensors(cols, tokenizer, spec.tokenize, device)
+                for cols in iter_row_batches(rows, batch_size))
+
+    order = grouping_order(model, units, batches(query_rows), spec.influence)
+    rows = query_rows if order is None else [query_rows[i] for i in order]
+    features = precondition_queries(model, units, batches(rows), spec.influence, curvature)
     return {k: v.cpu() for k, v in features.items()}
 
 

@@ -52,9 +52,11 @@ def register(method: InfluenceMethod) -> InfluenceMethod:
     return method
 
 
-register(InfluenceMethod("linfac", SUBLAYER, curvature=True, eigen_correction=True))
-register(InfluenceMethod("ekfac", LINEAR, curvature=True, eigen_correction=True))
-register(InfluenceMethod("kfac", LINEAR, curvature=True))
+# The curvature methods take influence.similarity too: cosine unit-normalises the preconditioned
+# query and the training gradient (normalised influence, as in RelatIF/TrackStar); dot is raw.
+register(InfluenceMethod("linfac", SUBLAYER, curvature=True, eigen_correction=True, cosine=None))
+register(InfluenceMethod("ekfac", LINEAR, curvature=True, eigen_correction=True, cosine=None))
+register(InfluenceMethod("kfac", LINEAR, curvature=True, cosine=None))
 register(InfluenceMethod("gradsim", LINEAR, curvature=False, cosine=None))
 register(InfluenceMethod("repsim", None, curvature=False, cosine=True))
 

@@ -5,7 +5,8 @@ LANCET.md sections 1 and 3. Every method reduces to features and a dot product:
 - ``linfac`` / ``ekfac`` / ``kfac``: query feature = IHVP(mean of a query batch's unit gradients),
   train feature = the sample's unit gradients; score = Σ_units ⟨·,·⟩_F.
 - ``gradsim``: the same without the IHVP (``similarity="dot"``) or both sides unit-normalised
-  over all units (``"cosine"``).
+  over all units (``"cosine"``); ``similarity="cosine"`` on a curvature method normalises the
+  preconditioned query and the training gradient alike (normalised influence).
 - ``repsim``: cosine of the last-layer hidden state at the last prompt token.
 
 Gradients are of −log p on both sides, so the sign is that of ∇log p_qᵀ H⁻¹ ∇log p_m:
@@ -32,6 +33,7 @@ from operators.errors import UserError
 from operators.factors import DampingConfig
 from operators.lowrank import compress, formed_scores, lowrank_scores, token_path_is_cheaper
 from operators.methods import InfluenceMethod, get_method
+from operators.query_grouping import GROUPINGS, query_sketches, similarity_order
 from operators.units import Unit, discover_units
 
 AGGREGATES = ("max", "mean")
@@ -51,15 +53,17 @@ class InfluenceConfig:
     method: str = "linfac"
     query_batch_size: int = 1
     aggregate: str = "max"
-    similarity: str = "dot"  # gradsim only
+    similarity: str = "dot"  # cosine: both sides unit-normalised (not repsim: always cosine)
     fisher: str = "sampled"
     damping: DampingConfig = field(default_factory=DampingConfig)
     module_filter: str = ""  # ekfac/kfac/gradsim: only linear modules whose name contains it
     query_rank: int | None = None  # keep each preconditioned query as rank-r factors (None: full)
+    query_grouping: str = "order"  # which queries share a batch of B: file order or similarity
 
     def __post_init__(self) -> None:
         get_method(self.method)  # an unknown method fails here, naming the key
         _check("influence.aggregate", self.aggregate, AGGREGATES)
+        _check("influence.query_grouping", self.query_grouping, GROUPINGS)
         _check("influence.similarity", self.similarity, SIMILARITIES)
         _check("influence.fisher", self.fisher, FISHER_KINDS)
         if int(self.query_batch_size) < 1:
@@ -200,6 +204,23 @@ def _stack(parts: list[Tensor]) -> Tensor:
     if parts[0].dim() == 2 and any(p.shape[-1] != width for p in parts):
         parts = [torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts]
     return torch.stack(parts)
+
+
+def grouping_order(model: nn.Module, units: list[Unit], batches: Iterable[dict],
+                   config: InfluenceConfig) -> list[int] | None:
+    """The order to stream the queries in so that each run of B is one batch, or None for file
+    order (``query_grouping=order``, or B = 1). ``batches``: the queries in file order.
+
+    Gradient methods compare sketches of the query gradients (operators/query_grouping.py);
+    ``repsim`` compares its representations.
+    """
+    if config.query_grouping == "order" or config.query_batch_size <= 1:
+        return None
+    if config.kind.units is None:
+        sketches = torch.cat([last_prompt_hidden(model, b).double().cpu() for b in batches])
+    else:
+        sketches = query_sketches(model, units, batches)
+    return similarity_order(sketches, config.query_batch_size)
 
 
 def precondition_queries(model: nn.Module, units: list[Unit], batches: Iterable[dict],

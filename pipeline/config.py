@@ -72,9 +72,13 @@ class InfluenceConf:
     max_fraction: float = 0.2
     # Queries averaged into one preconditioned query (1 = single-query mode).
     query_batch_size: int = 1
+    # Which queries share a batch when query_batch_size > 1: order (as the file lists them) |
+    # similarity (queries whose gradients point the same way, so wordings are not mixed).
+    query_grouping: str = "order"
     # How per-batch scores combine: max | mean.
     aggregate: str = "max"
-    # gradsim only: dot | cosine.
+    # dot | cosine: cosine unit-normalises both sides (gradsim: the gradients; linfac, ekfac,
+    # kfac: the preconditioned query and the training gradient, "normalised influence").
     similarity: str = "dot"
     # sampled (true Fisher) | empirical (the data's labels).
     fisher: str = "sampled"

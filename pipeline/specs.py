@@ -56,7 +56,7 @@ def influence(cfg: LancetConf) -> InfluenceConfig:
     return InfluenceConfig(method=i.method, query_batch_size=i.query_batch_size,
                            aggregate=i.aggregate, similarity=i.similarity, fisher=i.fisher,
                            damping=damping(cfg), module_filter=i.module_filter,
-                           query_rank=i.query_rank)
+                           query_rank=i.query_rank, query_grouping=i.query_grouping)
 
 
 def selection(cfg: LancetConf) -> SelectionConfig:
