@@ -133,18 +133,35 @@ def ibo_worker(config: dict) -> None:
     bf16 = ds_config.get("bf16", {}).get("enabled") is True
     engine = strategy.setup(_policy(spec, device, "float32" if bf16 else spec.dtype))
     start, curve = _resume(strategy)
-    times = []
+
+    def after_step(step: int, metrics: dict, times: list[float]) -> None:
+        if step % spec.checkpoint_every == 0 or step == spec.steps:
+            metrics.update(step=step, resumed_from=start, step_seconds=sum(times) / len(times))
+            _checkpoint(strategy, spec, tokenizer, step, metrics, curve)
+
+    train_steps(engine, strategy.step, tokenizer, ref, rows, spec, device, start, curve,
+                after_step)
+
+
+def train_steps(model, update, tokenizer, ref: Reference | None, rows: dict[str, list[dict]],
+                spec: IBOSpec, device: str, start: int = 0, curve: list[dict] | None = None,
+                after_step=None) -> list[dict]:
+    """Steps ``start`` … ``spec.steps`` of ``spec.objective``: each dataset's rows are cycled in
+    batches of ``spec.batch_size``; ``update(loss)`` backpropagates and steps the optimizer (the
+    DeepSpeed engine in the job). ``after_step(step, metrics, seconds)`` runs after each step
+    (the job checkpoints there). Returns the per-step metrics, ``curve`` extended."""
+    curve = [] if curve is None else curve
+    times: list[float] = []
     for step in range(start, spec.steps):
         began = time.perf_counter()
         batch = {name: _take(r, step, spec.batch_size) for name, r in rows.items()}
-        loss, metrics = step_loss(engine, tokenizer, ref, batch, spec.objective, device)
-        strategy.step(loss)
+        loss, metrics = step_loss(model, tokenizer, ref, batch, spec.objective, device)
+        update(loss)
         times.append(time.perf_counter() - began)
         curve.append({**metrics, "step": step + 1, "step_seconds": times[-1]})
-        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
-            metrics.update(step=step + 1, resumed_from=start,
-                           step_seconds=sum(times) / len(times))
-            _checkpoint(strategy, spec, tokenizer, step + 1, metrics, curve)
+        if after_step is not None:
+            after_step(step + 1, metrics, times)
+    return curve
 
 
 def _resume(strategy: DeepSpeedStrategy) -> tuple[int, list[dict]]:
@@ -200,12 +217,22 @@ def run_ibo(datasets: dict, spec: IBOSpec, cluster: ClusterConfig, out_dir: Path
                                        "ds_config": read_ds_config(spec.deepspeed_config)},
         scaling_config=cluster.scaling(),
         torch_config=TorchConfig(backend=cluster.backend),
-        datasets=datasets, run_config=config)
+        datasets=datasets, dataset_config=in_file_order(), run_config=config)
     try:
         metrics = _install(trainer.fit().checkpoint, out_dir)
     finally:
         removed = remove_run_storage(storage, config.name)
     return {**metrics, "checkpoint_mb_removed": removed / 2**20}
+
+
+def in_file_order():
+    """Ray Train's data config with the sets' rows kept in file order: a worker's batches (and
+    so the corrected model) then depend on the selection alone, not on which read task of Ray
+    Data finished first (the default lets blocks arrive in any order)."""
+    from ray.train import DataConfig
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def run_config(spec: IBOSpec, storage: str | Path, max_failures: int):

