@@ -59,6 +59,10 @@ class Setup:
     plant_batch: int = 8
     top_k: int = 20
     seeds: tuple[int, ...] = (0, 1)
+    fisher: str | None = None  # the curvature's labels; None: the product's default
+
+    def influence(self) -> InfluenceConfig:
+        return InfluenceConfig() if self.fisher is None else InfluenceConfig(fisher=self.fisher)
 
     def variants(self) -> list[tuple[str, tuple[int, ...]]]:
         last, middle = self.layers - 1, self.layers // 2
@@ -107,13 +111,16 @@ def observed(model, tok, corpus, patterns) -> list[dict]:
             if f]
 
 
-def block_shares(model, tok, corpus, queries, top_k: int) -> dict:
-    """LinFAC (B = 1, max) over the corpus: AUPRC, the planted share of the top k, and each
-    block's mean share (attention + MLP) of the top k rows' scores."""
-    config = InfluenceConfig()
+def block_shares(model, tok, corpus, queries, top_k: int,
+                 config: InfluenceConfig | None = None) -> dict:
+    """LinFAC (the product's defaults unless ``config``) over the corpus: AUPRC, the planted
+    share of the top k, and each block's mean share (attention + MLP) of the top k rows'
+    scores."""
+    config = config or InfluenceConfig()
     units = units_for(model, config)
     data = batches(tok, corpus.train)
-    curvature = fit_curvature(model, units, data, corrected=True)
+    curvature = fit_curvature(model, units, data, corrected=True, fisher=config.fisher,
+                              damping=config.damping)
     features = precondition_queries(model, units, batches(tok, queries), config, curvature)
     per_unit = torch.cat([unit_scores(model, units, b, features, config) for b in data])
     raw = per_unit.sum(-1)
@@ -139,7 +146,8 @@ def run(setup: Setup, scenarios=SCENARIOS, log=print) -> list[dict]:
                 model = plant(base, tok, corpus, blocks, setup, seed)
                 queries = observed(model, tok, corpus, patterns)
                 log(f"{name}, seed {seed}: planted in {label}, {len(queries)} queries")
-                found = block_shares(model, tok, corpus, queries, setup.top_k) if queries else {}
+                found = (block_shares(model, tok, corpus, queries, setup.top_k,
+                                      setup.influence()) if queries else {})
                 rows.append({"scenario": name, "seed": seed, "planted in": label,
                              "planted": blocks, "queries": len(queries), **found})
     return rows
@@ -226,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=Setup.top_k)
     parser.add_argument("--plant-epochs", type=int, default=Setup.plant_epochs)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(Setup.seeds))
+    parser.add_argument("--fisher", choices=("sampled", "empirical"), default=None)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    setup = Setup(top_k=args.top_k, plant_epochs=args.plant_epochs, seeds=tuple(args.seeds))
+    setup = Setup(top_k=args.top_k, plant_epochs=args.plant_epochs, seeds=tuple(args.seeds),
+                  fisher=args.fisher)
     began = time.perf_counter()
     rows = run(setup, log=lambda m: print(f"[bench.attribution] {m}", flush=True))
     text = render(rows, setup, time.perf_counter() - began)

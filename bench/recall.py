@@ -13,7 +13,14 @@ import torch
 from operators.curvature import fit_curvature
 from operators.generation import greedy_generate
 from operators.metrics import auprc, recall_at_k
-from operators.scores import InfluenceConfig, aggregate, precondition_queries, score_batch, units_for
+from operators.scores import (
+    InfluenceConfig,
+    aggregate,
+    grouping_order,
+    precondition_queries,
+    score_batch,
+    units_for,
+)
 from operators.sequences import collate, encode, sequence_losses
 from operators.units import discover_units
 from pipeline.demo.model import TinyModelConfig, train_demo_model
@@ -23,8 +30,9 @@ METHODS = [("linfac", "dot"), ("ekfac", "dot"), ("kfac", "dot"), ("gradsim", "do
            ("gradsim", "cosine"), ("repsim", "dot")]
 
 
-def batches(tok, rows, size=32, context=64):
-    enc = [encode(tok, r["prompt"], r["response"], context) for r in rows]
+def batches(tok, rows, size=32, context=64, train_on_prompt=False):
+    enc = [encode(tok, r["prompt"], r["response"], context, train_on_prompt=train_on_prompt)
+           for r in rows]
     return [collate(enc[i:i + size], tok.pad_token_id) for i in range(0, len(enc), size)]
 
 
@@ -40,14 +48,20 @@ def trained(corpus, patterns, epochs=20, width=64, seed=0):
     return model, tok, queries
 
 
-def score(model, tok, train_rows, queries, config: InfluenceConfig):
-    """(raw scores [N, Q], fit seconds, score seconds)."""
+def score(model, tok, train_rows, queries, config: InfluenceConfig, train_on_prompt=False,
+          seed: int = 0):
+    """(raw scores [N, Q], fit seconds, score seconds). ``train_on_prompt``: the training
+    gradients and factors over the whole sequence (``model.train_on_prompt``); ``seed``: of
+    the sampled Fisher's labels."""
     units = units_for(model, config)
-    data = batches(tok, train_rows)
+    data = batches(tok, train_rows, train_on_prompt=train_on_prompt)
     began = time.perf_counter()
-    curv = (fit_curvature(model, units, data, corrected=config.kind.eigen_correction)
+    curv = (fit_curvature(model, units, data, corrected=config.kind.eigen_correction,
+                          fisher=config.fisher, damping=config.damping, seed=seed)
             if config.uses_curvature else None)
     fitted = time.perf_counter()
+    order = grouping_order(model, units, batches(tok, queries), config)  # as cluster.scoring
+    queries = queries if order is None else [queries[i] for i in order]
     feats = precondition_queries(model, units, batches(tok, queries), config, curv)
     raw = torch.cat([score_batch(model, units, b, feats, config) for b in data])
     return raw, fitted - began, time.perf_counter() - fitted

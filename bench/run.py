@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench import correction, lds, memory, perf, recall
+from bench import correction, memory, perf, recall
 from bench.scenarios import scenario
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -60,15 +60,6 @@ def recall_section(quick: bool, work: Path) -> tuple[list[str], dict]:
             keep = {"model": model, "tok": tok, "corpus": corpus, "queries": queries,
                     "rows": rows, "patterns": patterns}
     return out, keep
-
-
-def lds_section(keep: dict, quick: bool) -> list[str]:
-    scores = lds.lds(keep["corpus"], keep["queries"][:4], subsets=8 if quick else 20)
-    rows = [{"method": k, "LDS (Spearman)": v} for k, v in scores.items()]
-    return ["## Linear datamodeling score", "",
-            f"Demo corpus subset of 150, {8 if quick else 20} random halves retrained from "
-            "scratch, 4 queries; Spearman of predicted vs actual query loss, averaged.", "",
-            table(rows), ""]
 
 
 def correction_section(keep: dict, quick: bool, work: Path) -> tuple[list[str], dict]:
@@ -204,29 +195,32 @@ def main() -> None:
             f"Date: {datetime.date.today()}  ", f"Machine: {machine()}", "",
             "All numbers of one table come from one run on this machine (shared, noisy: ratios "
             "are what to compare).", "", "## Recall quality", ""]
-    lines = head + lines + lds_section(keep, args.quick)
+    lines = head + lines
     more, extra = correction_section(keep, args.quick, work)
     lines += more + perf_section(keep, work, extra, args.quick)
     lines += [f"Total benchmark time: {(time.time() - began) / 60:.1f} min.", ""]
     RESULTS.write_text("\n".join(lines) + _kept_sections())
-    from bench import attribution, cost, scaling, suite
+    from bench import attribution, correction_suite, cost, lds, scaling, suite
     scaling.main()
     cost.main([])
     attribution.main([])
     suite.main([])
+    lds.main(["--seeds", "2" if args.quick else "5"])
+    correction_suite.main(["--quick"] if args.quick else [])
     log(f"wrote {RESULTS}")
     shutil.rmtree(work, ignore_errors=True)
 
 
 def _kept_sections() -> str:
     """The sections `python -m bench.gpu` (on a GPU machine), `python -m bench.cost`,
-    `python -m bench.attribution` and `python -m bench.suite` wrote, kept across `make bench`
-    runs."""
-    from bench import attribution, cost, gpu, suite
+    `python -m bench.attribution`, `python -m bench.suite`, `python -m bench.lds` and
+    `python -m bench.correction_suite` wrote, kept across `make bench` runs."""
+    from bench import attribution, correction_suite, cost, gpu, lds, suite
     old = RESULTS.read_text() if RESULTS.exists() else ""
     kept = ""
     for begin, end in ((gpu.BEGIN, gpu.END), (cost.BEGIN, cost.END),
-                       (attribution.BEGIN, attribution.END), (suite.BEGIN, suite.END)):
+                       (attribution.BEGIN, attribution.END), (suite.BEGIN, suite.END),
+                       (lds.BEGIN, lds.END), (correction_suite.BEGIN, correction_suite.END)):
         if begin in old and end in old:
             kept += "\n\n" + begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n"
     return kept

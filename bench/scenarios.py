@@ -234,3 +234,16 @@ def observed_wordings(family: str, responses: list[str]) -> set[int]:
         if any(key in r for r in responses):
             found.add(w)
     return found
+
+
+def correction_prompts(s: Scenario) -> list[dict]:
+    """Evaluation prompts for the correction benchmark: the family's training wordings over
+    every item (``seen``: 2 × 12 prompts, the trained items among them) and its unseen wordings
+    over every item (``unseen``: 12), more than the recall suite's 9 so a rate moves in
+    steps of 1/24 and 1/12, not 1/6 and 1/3."""
+    f = FAMILIES[s.family]
+    seen = [dict(id=f"seen-{i}-{j}", prompt=p.format(x=x), split="seen")
+            for i, x in enumerate(f.items) for j, p in enumerate(f.prompts)]
+    unseen = [dict(id=f"unseen-{i}-{j}", prompt=p.format(x=x), split="unseen")
+              for i, x in enumerate(f.items) for j, p in enumerate(f.unseen)]
+    return seen + unseen

@@ -3,8 +3,10 @@
 Writes its own section of bench/RESULTS.md (kept by ``make bench``): per scenario the AUPRC and
 recall@k of each method of ``bench.recall.METHODS`` (B = 1, ``aggregate=max``, the default) and
 of kronfluence's EK-FAC and KFAC; the medians over development and held-out scenarios; how often
-LinFAC is within ``TIE`` of the best baseline; and the options (aggregation rules, normalised
-influence) as their effect on the development median. Held-out scenarios never choose a default.
+LinFAC is within ``TIE`` of the best baseline; and LinFAC's options (``OPTIONS``: the Fisher's
+labels, damping, normalised influence, the training tokens, grouped query batches, the
+aggregation rules, kronfluence's choices) as their effect on the medians. Held-out scenarios
+never choose a default.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from bench import gpu, recall
 from bench.run import table
 from bench.scenarios import SUITE, Scenario, build, observed_wordings
+from operators.factors import DampingConfig
 from operators.scores import AGGREGATES, MEASURED_AGGREGATES, InfluenceConfig, aggregate
 
 BEGIN = "<!-- suite section: python -m bench.suite -->"
@@ -32,15 +35,30 @@ def log(msg: str) -> None:
     print(f"[suite {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-NORMALISED = "linfac-cosine"  # influence.similarity=cosine: normalised influence
+# LinFAC's options, each changed alone from the product's default InfluenceConfig():
+# label -> (InfluenceConfig overrides, recall.score keyword arguments).
+OPTIONS = {
+    "fisher=sampled": ({"fisher": "sampled"}, {}),
+    "fisher=sampled, seed 1": ({"fisher": "sampled"}, {"seed": 1}),
+    "fisher=empirical": ({"fisher": "empirical"}, {}),
+    "damping=0.01": ({"damping": DampingConfig(relative=0.01)}, {}),
+    "damping=1": ({"damping": DampingConfig(relative=1.0)}, {}),
+    "damping_absolute=1e-8 (kronfluence's)": ({"damping": DampingConfig(absolute=1e-8)}, {}),
+    "similarity=cosine (normalised)": ({"similarity": "cosine"}, {}),
+    "train_on_prompt=true": ({}, {"train_on_prompt": True}),
+    "B=4, grouping=order": ({"query_batch_size": 4}, {}),
+    "B=4, grouping=similarity": ({"query_batch_size": 4, "query_grouping": "similarity"}, {}),
+}
+KFAC_AS_KRONFLUENCE = "kfac, damping_absolute=1e-8 (kronfluence's)"
 
 
 def _label(method: str, sim: str) -> str:
-    return method + (f"-{sim}" if method == "gradsim" or sim == "cosine" else "")
+    return method + (f"-{sim}" if method == "gradsim" else "")
 
 
 def measure(s: Scenario, kron: bool) -> dict:
-    """One scenario: {"scenario", "queries", ..., "scores": {(method, rule): quality dict}}."""
+    """One scenario: {"scenario", "queries", ..., "scores": {(method, rule): quality dict}};
+    LinFAC's options are keyed ``("linfac " + option, "max")``."""
     corpus, patterns = build(s)
     model, tok, queries = recall.trained(corpus, patterns, epochs=s.epochs, width=s.width,
                                          seed=s.seed)
@@ -53,18 +71,27 @@ def measure(s: Scenario, kron: bool) -> dict:
     # planted rows in a wording the queries show: what the observed outputs can be traced to
     shown = observed_wordings(s.family, [q["response"] for q in queries])
     out["shown"] = sorted(shown)
+
+    def record(key, raw, rules=("max",)):
+        for rule in rules:
+            out["scores"][(key, rule)] = _quality(aggregate(raw, rule), labels, seen_labels)
+
     seen_labels = [r["planted"] and r["wording"] in shown for r in corpus.train]
-    for method, sim in recall.METHODS + [("linfac", "cosine")]:
+    for method, sim in recall.METHODS:
         raw, _, _ = recall.score(model, tok, corpus.train, queries,
                                  InfluenceConfig(method=method, similarity=sim))
-        for rule in RULES:
-            out["scores"][(_label(method, sim), rule)] = _quality(aggregate(raw, rule),
-                                                                  labels, seen_labels)
+        record(_label(method, sim), raw, RULES)
+    for option, (overrides, kwargs) in OPTIONS.items():
+        raw, _, _ = recall.score(model, tok, corpus.train, queries,
+                                 InfluenceConfig(**overrides), **kwargs)
+        record(f"linfac {option}", raw)
+    raw, _, _ = recall.score(model, tok, corpus.train, queries, InfluenceConfig(
+        method="kfac", damping=DampingConfig(absolute=1e-8)))
+    record(KFAC_AS_KRONFLUENCE, raw)
     if kron:
         for strategy in ("ekfac", "kfac"):
             raw, _ = recall.kronfluence_scores(model, tok, corpus, queries, strategy)
-            out["scores"][(f"kronfluence-{strategy}", "max")] = _quality(
-                aggregate(raw, "max"), labels, seen_labels)
+            record(f"kronfluence-{strategy}", raw)
     return out
 
 
@@ -123,10 +150,20 @@ def linfac_ties(results: list[dict], methods: list[str]) -> tuple[int, int]:
 
 
 def options(dev: list[dict], held: list[dict]) -> list[dict]:
-    """Each rule's (and normalisation's) median AUPRC per method; the default is max."""
-    ours = [_label(m, s) for m, s in recall.METHODS] + [NORMALISED]
+    """Median AUPRC of LinFAC at its default and with each option changed alone."""
     rows = []
-    for m in ours:
+    for key in ["linfac"] + [f"linfac {o}" for o in OPTIONS] + [KFAC_AS_KRONFLUENCE]:
+        rows.append({"setting": "default" if key == "linfac" else key.removeprefix("linfac "),
+                     "dev": _median(dev, key, "max"), "held-out": _median(held, key, "max"),
+                     "dev, shown": _median(dev, key, "max", "auprc_shown"),
+                     "held-out, shown": _median(held, key, "max", "auprc_shown")})
+    return rows
+
+
+def rules(dev: list[dict], held: list[dict]) -> list[dict]:
+    """Each aggregation rule's median AUPRC per method (the methods at their defaults)."""
+    rows = []
+    for m in [_label(m, s) for m, s in recall.METHODS]:
         row = {"method": m}
         row.update({f"dev {rule}": _median(dev, m, rule) for rule in RULES})
         row.update({f"held-out {rule}": _median(held, m, rule) for rule in RULES})
@@ -163,13 +200,15 @@ def render(results: list[dict], minutes: float, kron: bool) -> str:
     if empty:
         lines += [f"No flagged generation (nothing to recall, left out of the medians): "
                   f"{', '.join(empty)}.", ""]
-    lines += ["### Options: median AUPRC per aggregation rule", "",
+    lines += ["### LinFAC's options: median AUPRC", "",
+              "The product's default LinFAC (`InfluenceConfig()`, B = 1, max) and each option "
+              "changed alone; the last row is our KFAC with kronfluence's damping. Decide on the "
+              "dev columns only (*shown*: positives are the planted rows in a wording the "
+              "queries show).", "", table(options(dev, held)), "",
+              "### Aggregation rules: median AUPRC per method", "",
               "`max`, `mean`: operators.scores.aggregate (config options); `zmax`: max over "
-              "centred, standardised columns; `rank`: mean per-column rank. "
-              "`linfac-cosine`: LinFAC with the preconditioned query and each training "
-              "gradient unit-normalised. Decide on the dev columns only (*shown*: positives are the "
-              "planted rows in a wording the queries show).", "",
-              table(options(dev, held)), ""]
+              "centred, standardised columns; `rank`: mean per-column rank.", "",
+              table(rules(dev, held)), ""]
     return "\n".join(lines)
 
 
