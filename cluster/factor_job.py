@@ -25,7 +25,13 @@ from cluster.batches import TokenizeConfig, to_tensors
 from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads, remove_run_storage, storage_uri
-from operators.curvature import NONFINITE, Curvature, covariance_pass, lambda_pass
+from operators.curvature import (
+    DEFAULT_FISHER,
+    NONFINITE,
+    Curvature,
+    covariance_pass,
+    lambda_pass,
+)
 from operators.factors import DampingConfig, Eigen, eigendecompose, stat_dtype
 from operators.methods import get_method
 from operators.units import Unit, discover_units
@@ -39,7 +45,7 @@ class FactorSpec:
 
     model_path: str
     method: str = "linfac"  # linfac | ekfac | kfac
-    fisher: str = "sampled"
+    fisher: str = DEFAULT_FISHER
     dtype: str = "float32"
     damping: DampingConfig = field(default_factory=DampingConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)

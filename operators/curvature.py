@@ -34,6 +34,10 @@ from operators.sequences import sequence_losses
 from operators.units import Unit
 
 FISHER_KINDS = ("sampled", "empirical")
+# The labels of the curvature's gradients by default: the data's. Measured on the scenario
+# suite and by the LDS (docs/METHOD.md section 1): better recall and LDS than labels sampled
+# from the model, and no label noise (the factors are a deterministic function of the data).
+DEFAULT_FISHER = "empirical"
 
 
 @contextmanager
@@ -74,7 +78,7 @@ def batch_gradients(model: nn.Module, units: list[Unit], batch: dict[str, Tensor
 
 
 def covariance_pass(model: nn.Module, units: list[Unit], batches: Iterable[dict[str, Tensor]],
-                    fisher: str = "sampled", seed: int = 0) -> FactorDict | None:
+                    fisher: str = DEFAULT_FISHER, seed: int = 0) -> FactorDict | None:
     """Σ κκᵀ, Σ Ds Dsᵀ and token counts over ``batches`` (None if there were none).
 
     Sums are added in place on the batches' device: one copy of the statistics, whatever the
@@ -128,7 +132,7 @@ def _zero_rows(t: Tensor, keep: Tensor) -> Tensor:
 
 
 def lambda_pass(model: nn.Module, units: list[Unit], eigens: dict[str, Eigen],
-                batches: Iterable[dict[str, Tensor]], fisher: str = "sampled", seed: int = 1
+                batches: Iterable[dict[str, Tensor]], fisher: str = DEFAULT_FISHER, seed: int = 1
                 ) -> FactorDict | None:
     """Σ_sequences (Q_Sᵀ DŴ Q_A)² and sequence counts over ``batches``.
 
@@ -199,7 +203,7 @@ class Curvature:
 
 
 def fit_curvature(model: nn.Module, units: list[Unit], batches: list[dict[str, Tensor]],
-                  corrected: bool = True, fisher: str = "sampled",
+                  corrected: bool = True, fisher: str = DEFAULT_FISHER,
                   damping: DampingConfig = DampingConfig(), seed: int = 0) -> Curvature:
     """Single-process fit: both passes over an in-memory list of batches."""
     if fisher not in FISHER_KINDS:

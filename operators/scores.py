@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from operators.capture import eval_mode, unit_gradient
-from operators.curvature import FISHER_KINDS, Curvature, capture_pass
+from operators.curvature import DEFAULT_FISHER, FISHER_KINDS, Curvature, capture_pass
 from operators.errors import UserError
 from operators.factors import DampingConfig
 from operators.lowrank import compress, formed_scores, lowrank_scores, token_path_is_cheaper
@@ -54,11 +54,11 @@ class InfluenceConfig:
     query_batch_size: int = 1
     aggregate: str = "max"
     similarity: str = "dot"  # cosine: both sides unit-normalised (not repsim: always cosine)
-    fisher: str = "sampled"
+    fisher: str = DEFAULT_FISHER  # the curvature's labels: the data's (empirical) or sampled
     damping: DampingConfig = field(default_factory=DampingConfig)
     module_filter: str = ""  # ekfac/kfac/gradsim: only linear modules whose name contains it
     query_rank: int | None = None  # keep each preconditioned query as rank-r factors (None: full)
-    query_grouping: str = "order"  # which queries share a batch of B: file order or similarity
+    query_grouping: str = "similarity"  # which queries share a batch of B (or file order)
 
     def __post_init__(self) -> None:
         get_method(self.method)  # an unknown method fails here, naming the key

@@ -72,16 +72,17 @@ class InfluenceConf:
     max_fraction: float = 0.2
     # Queries averaged into one preconditioned query (1 = single-query mode).
     query_batch_size: int = 1
-    # Which queries share a batch when query_batch_size > 1: order (as the file lists them) |
-    # similarity (queries whose gradients point the same way, so wordings are not mixed).
-    query_grouping: str = "order"
+    # Which queries share a batch when query_batch_size > 1: similarity (default: queries whose
+    # gradients point the same way, so different outputs are not averaged) | order (the file's).
+    query_grouping: str = "similarity"
     # How per-batch scores combine: max | mean.
     aggregate: str = "max"
     # dot | cosine: cosine unit-normalises both sides (gradsim: the gradients; linfac, ekfac,
     # kfac: the preconditioned query and the training gradient, "normalised influence").
     similarity: str = "dot"
-    # sampled (true Fisher) | empirical (the data's labels).
-    fisher: str = "sampled"
+    # The curvature's labels: empirical (the data's, default: better recall and LDS on the
+    # benchmark, docs/METHOD.md) | sampled (drawn from the model: the true Fisher).
+    fisher: str = "empirical"
     # λ = damping · mean(Λ) per unit, unless damping_absolute is set.
     damping: float = 0.1
     damping_absolute: float | None = None

@@ -14,19 +14,24 @@ from cluster.batches import iter_row_batches, to_tensors
 from cluster.scoring import ScoreSpec, model_and_units
 from operators.curvature import Curvature, fit_curvature
 from operators.factors import DampingConfig
-from operators.scores import aggregate, precondition_queries, score_batch
+from operators.scores import aggregate, grouping_order, precondition_queries, score_batch
 
 
 def influence_in_process(spec: ScoreSpec, rows: list[dict], queries: list[dict],
-                         fisher: str = "sampled", damping: DampingConfig = DampingConfig()
+                         fisher: str | None = None, damping: DampingConfig = DampingConfig()
                          ) -> tuple[Curvature, torch.Tensor]:
     """(the curvature fitted on ``rows``, each row's aggregated score ``[N]``)."""
     model, tok, units = model_and_units(spec)
     batches = [to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(rows, 16)]
-    curvature = fit_curvature(model, units, batches, fisher=fisher, damping=damping)
-    features = precondition_queries(model, units, (to_tensors(c, tok, spec.tokenize) for c in
-                                                   iter_row_batches(queries, 8)),
-                                    spec.influence, curvature)
+    curvature = fit_curvature(model, units, batches, fisher=fisher or spec.influence.fisher,
+                              damping=damping)
+    def query_batches(rows):
+        return (to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(rows, 8))
+
+    order = grouping_order(model, units, query_batches(queries), spec.influence)  # as scoring
+    queries = queries if order is None else [queries[i] for i in order]
+    features = precondition_queries(model, units, query_batches(queries), spec.influence,
+                                    curvature)
     raw = torch.cat([score_batch(model, units, b, features, spec.influence) for b in batches])
     return curvature, aggregate(raw, spec.influence.aggregate)
 

@@ -72,10 +72,9 @@ def test_query_rank_reaches_the_influence_config():
 def test_query_grouping_reaches_the_influence_config_and_the_score_stage_key():
     from pipeline.specs import influence
     from pipeline.stages.table import STAGES
-    grouped = compose_typed(["influence.query_grouping=similarity",
-                             "influence.query_batch_size=4"])
-    assert influence(grouped).query_grouping == "similarity"
-    assert influence(compose_typed([])).query_grouping == "order"
+    in_order = compose_typed(["influence.query_grouping=order", "influence.query_batch_size=4"])
+    assert influence(in_order).query_grouping == "order"
+    assert influence(compose_typed([])).query_grouping == "similarity"
     score = next(s for s in STAGES if s.name == "score")
     assert "influence.query_grouping" in score.config_keys  # another grouping: another scoring
 

@@ -81,7 +81,8 @@ def test_ekfac_tracks_exact_influence_better_than_gradsim():
         units = units_for(model, config)
         curv = None
         if config.uses_curvature:  # the expected Fisher, estimated with 64 label draws
-            curv = fit_curvature(model, units, [train] * 64, corrected=config.kind.eigen_correction)
+            curv = fit_curvature(model, units, [train] * 64, fisher="sampled",
+                                 corrected=config.kind.eigen_correction)
         feats = precondition_queries(model, units, [queries], config, curv)
         approx = score_batch(model, units, train, feats, config)
         correlations[method] = sum(spearman(approx[:, q], exact[:, q]) for q in range(4)) / 4

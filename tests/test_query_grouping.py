@@ -71,7 +71,8 @@ def test_queries_of_the_same_output_share_a_batch():
     queries = slice_batch(two, [0, 1, 0, 1, 0, 1])
     order = grouping_order(model, units, [queries], config)
     assert [i % 2 for i in order] in ([0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, 0])
-    assert grouping_order(model, units, [queries], InfluenceConfig(query_batch_size=3)) is None
+    in_order = InfluenceConfig(query_batch_size=3, query_grouping="order")
+    assert grouping_order(model, units, [queries], in_order) is None
     curv = fit_curvature(model, units, [random_batch(batch=6, seed=5)], fisher="empirical")
     grouped = precondition_queries(model, units, [slice_batch(queries, order)], config, curv)
     single = precondition_queries(model, units, [two], InfluenceConfig(), curv)
