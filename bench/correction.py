@@ -62,7 +62,16 @@ def correct(model_dir, root: Path, method: str, name: str, loss: IBOLossConfig |
     return metrics
 
 
-# As conf/ibo/<method>.yaml sets them.
-BASELINE_SETTINGS = {"ibo": {}, "pbo": {}, "ga": {"lr": 1e-4}, "ga_kl": {}, "npo": {},
-                     "simnpo": {"loss": IBOLossConfig(beta=2.5)}, "remove": {},
-                     "oracle": {"reinit": True, "steps": 200, "lr": 3e-3}}
+def yaml_settings(method: str) -> dict:
+    """``correct``'s keyword arguments as ``conf/ibo/<method>.yaml`` sets them."""
+    import yaml
+    conf = yaml.safe_load((PROJECT / "conf" / "ibo" / f"{method}.yaml").read_text())
+    loss = IBOLossConfig(beta=float(conf.get("beta", 0.1)), gamma=float(conf.get("gamma", 1.0)),
+                         delta=float(conf.get("delta", 0.0)))
+    return {"loss": loss, "lr": float(conf["lr"]), "steps": int(conf["steps"]),
+            "checkpoint_every": int(conf["checkpoint_every"]),
+            "reinit": bool(conf.get("reinit", False))}
+
+
+BASELINE_SETTINGS = {m: yaml_settings(m) for m in
+                     ("ibo", "pbo", "ga", "ga_kl", "npo", "simnpo", "remove", "oracle")}

@@ -26,7 +26,7 @@ def pareto_plot(name: str, runs: list[dict], before: dict, chosen: dict, path: P
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     done = [r for r in runs if "skipped" not in r]
     for ax, key, xlabel, limit in (
-            (axes[0], "ppl", "clean perplexity ÷ before", 1.05),
+            (axes[0], "ppl", "clean perplexity ÷ before (log; ≥ 3 drawn at 3)", 1.05),
             (axes[1], "overrefusal", "clean refusals − before (points)", 0.05)):
         for method, colour in COLOURS.items():
             mine = [r for r in done if r["knobs"].method == method]
@@ -39,6 +39,11 @@ def pareto_plot(name: str, runs: list[dict], before: dict, chosen: dict, path: P
             ax.scatter([_x(r, key, before) for r in picked],
                        [(r["seen"] + r["unseen"]) / 2 for r in picked], s=90,
                        facecolors="none", edgecolors=colour, lw=1.5)
+        if key == "ppl":  # a collapsed run's perplexity is off any useful scale: drawn at 3
+            ax.set_xscale("log")
+            ax.set_xlim(0.97, 3.05)
+            ax.set_xticks([1, 1.05, 1.5, 2, 3], ["1", "1.05", "1.5", "2", "≥ 3"])
+            ax.minorticks_off()
         ax.axvspan(ax.get_xlim()[0], limit, color="0.92", zorder=0)
         ax.axhline((before["seen"] + before["unseen"]) / 2, color="0.5", ls="--", lw=0.8)
         ax.set_xlabel(xlabel)
@@ -52,4 +57,6 @@ def pareto_plot(name: str, runs: list[dict], before: dict, chosen: dict, path: P
 
 
 def _x(r: dict, key: str, before: dict) -> float:
-    return r["ppl"] / before["ppl"] if key == "ppl" else r["overrefusal"] - before["overrefusal"]
+    if key == "ppl":
+        return min(r["ppl"] / before["ppl"], 3.0)
+    return r["overrefusal"] - before["overrefusal"]

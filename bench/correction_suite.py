@@ -55,7 +55,8 @@ METHODS = ("ibo", "npo", "simnpo", "ga_kl")
 CONTEXT, NEW_TOKENS = 64, 24
 PPL_BUDGET, REFUSAL_BUDGET = 1.05, 0.05  # ≤ +5 % perplexity, ≤ +5 points of clean refusals
 # Each method: a grid over lr × steps, then one knob at a time around its YAML defaults.
-GRID = {"lr": (2e-4, 5e-4, 1e-3), "steps": (15, 30, 60)}
+# The lr grid reaches down to 5e-5: gradient-ascent methods need small steps not to collapse.
+GRID = {"lr": (5e-5, 1e-4, 2e-4, 5e-4, 1e-3), "steps": (15, 30, 60)}
 ONE_AT_A_TIME = {"ibo": {"alpha": (0.6, 0.95), "beta": (0.05, 0.5), "gamma": (0.3, 3.0)},
                  "npo": {"alpha": (0.6, 0.95), "beta": (0.05, 0.5), "gamma": (0.3, 3.0)},
                  "simnpo": {"alpha": (0.6, 0.95), "beta": (1.0, 5.0), "gamma": (0.3, 3.0)},

@@ -92,7 +92,7 @@ def correction_section(keep: dict, quick: bool, work: Path) -> tuple[list[str], 
     ratio = rows[1]["step_ms"] / (1000 * live["step_seconds"]) if live else float("nan")
     out = ["## Correction quality", "",
            f"Demo scenario, recall by LinFAC (B = 1, max), α = 0.8: {sizes}. 2 Ray Train workers, "
-           "DeepSpeed ZeRO-0 on CPU, 30 steps (oracle: 200 steps from scratch).", "",
+           "DeepSpeed ZeRO-0 on CPU, each method at its conf/ibo/<method>.yaml settings.", "",
            table(rows), ""]
     if not quick:
         out += feed_section(keep, base, work, before, by_method)

@@ -46,7 +46,7 @@ OPTIONS = {
     "damping_absolute=1e-8 (kronfluence's)": ({"damping": DampingConfig(absolute=1e-8)}, {}),
     "similarity=cosine (normalised)": ({"similarity": "cosine"}, {}),
     "train_on_prompt=true": ({}, {"train_on_prompt": True}),
-    "B=4, grouping=order": ({"query_batch_size": 4}, {}),
+    "B=4, grouping=order": ({"query_batch_size": 4, "query_grouping": "order"}, {}),
     "B=4, grouping=similarity": ({"query_batch_size": 4, "query_grouping": "similarity"}, {}),
 }
 KFAC_AS_KRONFLUENCE = "kfac, damping_absolute=1e-8 (kronfluence's)"

@@ -59,8 +59,8 @@ class IBOSpec:
     model_path: str
     deepspeed_config: str
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    steps: int = 30
-    lr: float = 5e-4
+    steps: int = 60
+    lr: float = 1e-3
     batch_size: int = 8
     checkpoint_every: int = 10
     keep_checkpoints: int = 2  # Ray Train keeps the latest N; the run's folder goes at the end

@@ -29,7 +29,7 @@ class RelearnSpec:
 
     steps: tuple[int, ...] = (10, 50)
     samples: int = 16
-    lr: float = 5e-4
+    lr: float = 1e-3
     batch_size: int = 8
     seed: int = 0
 
