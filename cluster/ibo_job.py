@@ -62,7 +62,7 @@ class IBOSpec:
     steps: int = 60
     lr: float = 1e-3
     batch_size: int = 8
-    checkpoint_every: int = 10
+    checkpoint_every: int = 20
     keep_checkpoints: int = 2  # Ray Train keeps the latest N; the run's folder goes at the end
     precompute_reference: bool = True
     dtype: str = "float32"

@@ -127,7 +127,7 @@ class IBOConf:
     lr: float = 1e-3
     # Rows of each dataset per step per worker.
     batch_size: int = 8
-    checkpoint_every: int = 10
+    checkpoint_every: int = 20
     # A DeepSpeed JSON config (relative paths: from the project's folder).
     deepspeed_config: str = "conf/deepspeed/zero0.json"
     # Evaluate the frozen reference once before training (False: at every step).
