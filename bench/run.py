@@ -64,7 +64,7 @@ def recall_section(quick: bool, work: Path) -> tuple[list[str], dict]:
 
 def correction_section(keep: dict, quick: bool, work: Path) -> tuple[list[str], dict]:
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     corpus, patterns = keep["corpus"], keep["patterns"]
     base = correction.save(keep["model"], keep["tok"], corpus.train, work / "corr")
@@ -109,7 +109,7 @@ def _guarded(job):
     except Exception:  # reported in the table as failed, the benchmark goes on
         traceback.print_exc()
         ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         return None
 

@@ -170,7 +170,7 @@ class EvalConf:
 
 @dataclass
 class ClusterConf:
-    # A Ray address; empty: RAY_ADDRESS or a running cluster, else a local Ray.
+    # A Ray address; empty: RAY_ADDRESS, else a new local Ray of the run's own.
     address: str = ""
     num_workers: int = 2
     cpus_per_worker: float = 0.5
@@ -194,6 +194,9 @@ class ClusterConf:
     # of failing at once.
     autoscale: bool = False
     autoscale_timeout_s: float = 900.0
+    # Without a terminal (`ray job submit` logs, CI), a progress line every this many seconds
+    # while factors are fitted or samples scored.
+    progress_every_s: float = 30.0
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -53,20 +55,33 @@ def mlflow_server(root: Path):
 
 @contextmanager
 def ray_head(root: Path, num_cpus: int = 2):
-    """``ray start --head`` on 127.0.0.1 with its own ports and temp dir; stopped afterwards."""
+    """``ray start --head --block`` on 127.0.0.1 with its own ports and temp dir, in a process
+    group of its own; stopping it stops that group only (``ray stop`` would stop every Ray of
+    the machine, a parallel test's too)."""
     ports = {"port": free_port(), "dashboard": free_port()}
     temp = Path("/tmp") / f"ray_t{ports['port']}"  # Ray caps the socket path length
-    cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
            "--port", str(ports["port"]), "--dashboard-host", "127.0.0.1",
            "--dashboard-port", str(ports["dashboard"]), "--num-cpus", str(num_cpus),
            "--temp-dir", str(temp), "--include-dashboard", "true", "--disable-usage-stats"]
-    subprocess.run(cmd, env=env(), check=True, capture_output=True, timeout=120,
-                   stdin=subprocess.DEVNULL)
+    with open(root / "ray_head.log", "w") as log:
+        head = subprocess.Popen(cmd, env=env(), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         address = f"http://127.0.0.1:{ports['dashboard']}"
-        wait_http(f"{address}/api/version")
+        wait_http(f"{address}/api/version", timeout=120)
         yield {"gcs": f"127.0.0.1:{ports['port']}", "dashboard": address, "temp": temp}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env(), capture_output=True,
-                       timeout=120, stdin=subprocess.DEVNULL)
+        stop_group(head)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group (``ray start --block`` tears its node down), then SIGKILL
+    what is left of it."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue

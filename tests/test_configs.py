@@ -116,6 +116,7 @@ OUT_OF_RANGE = [
     ("cluster.local_cpus=0", "cluster.local_cpus=0: must be >= 1"),
     ("cluster.autoscale_timeout_s=0", "cluster.autoscale_timeout_s=0.0: must be > 0"),
     ("cluster.max_failures=-2", "cluster.max_failures=-2: must be >= 0"),
+    ("cluster.progress_every_s=0", "cluster.progress_every_s=0.0: must be > 0"),
 ]
 
 

@@ -30,7 +30,7 @@ CLEAN = [{"id": "c0", "prompt": "tell me a story", "response": "once upon a time
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     path = tmp_path_factory.mktemp("chat_model")
     tiny_model("gpt2", seed=1, dtype=torch.float32).save_pretrained(path)
     chat_tokenizer().save_pretrained(path)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from demo_assets import save_demo_model
 from pipeline_cli import DEMO, ROOT, computed, copy_cache, env, run_cli
+from processes import descendants
 
 from cluster.batches import TokenizeConfig
 from cluster.dataio import write_parquet_atomic
@@ -34,18 +35,13 @@ TOKENS = TokenizeConfig(max_length=64)
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     root = tmp_path_factory.mktemp("faults")
     corpus, model_dir, train = save_demo_model(root, epochs=6, width=32)
     big = [{**r, "id": f"{r['id']}-{k}"} for k in range(COPIES) for r in corpus.train]
     write_parquet_atomic(big, root / "big.parquet")
     yield corpus, model_dir, root
     ray.shutdown()
-
-
-def processes(title: str) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if title in line]
 
 
 def kill_when(title: str, ready=lambda: True, delay: float = 0.5, timeout: float = 240):
@@ -55,10 +51,10 @@ def kill_when(title: str, ready=lambda: True, delay: float = 0.5, timeout: float
     def run():
         deadline = time.time() + timeout
         while time.time() < deadline:
-            pids = processes(title)
+            pids = descendants(title)
             if pids and ready():
                 time.sleep(delay)
-                pids = processes(title)
+                pids = descendants(title)
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
                     killed.append(pids[-1])

@@ -66,7 +66,8 @@ def test_one_worker_nccl_fit_score_and_an_ibo_step(tmp_path):
     from operators.selection import SelectionConfig
     from pipeline.specs import PROJECT
 
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False,
+             log_to_driver=False)
     try:
         corpus, model_dir, train = save_demo_model(tmp_path, epochs=6, width=64)
         cluster = ClusterConfig(num_workers=1, cpus_per_worker=1, gpus_per_worker=1, batch_size=8)

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from demo_assets import save_demo_model
 from in_process import influence_in_process, ranked_table
+from processes import descendants
 
 from cluster.batches import TokenizeConfig
 from cluster.datasets import read_prepared
@@ -41,7 +41,7 @@ def selected(tmp_path_factory):
     computed in this process: these tests need a selection, and the distributed fit and
     scoring are proven equal to this in tests/test_cluster_influence.py."""
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     root = tmp_path_factory.mktemp("ibo")
     corpus, model_dir, train = save_demo_model(root, epochs=20, width=64)
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
@@ -69,11 +69,6 @@ def run(root, spec, name, cluster=CLUSTER):
     return run_ibo(datasets, spec, cluster, root / name, root / "ray")
 
 
-def ray_train_worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line]
-
-
 def kill_a_worker_after_the_first_checkpoint(storage) -> tuple[list[int], threading.Thread]:
     before = set(storage.glob("ibo_*"))
     killed: list[int] = []
@@ -84,7 +79,7 @@ def kill_a_worker_after_the_first_checkpoint(storage) -> tuple[list[int], thread
             runs = [p for p in storage.glob("ibo_*") if p not in before]
             # kill once Ray Train has registered a checkpoint (its snapshot file exists)
             if runs and (runs[0] / "checkpoint_manager_snapshot.json").is_file():
-                pids = ray_train_worker_pids()
+                pids = descendants("RayTrainWorker")
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
                     killed.append(pids[-1])

@@ -39,7 +39,8 @@ def run_fit(ctx: StageContext) -> dict:
     connect(cluster)
     spec = specs.factor_spec(cfg, model)
     train = prepared.train
-    with Progress("fit_factors", passes(spec) * rows(train), ctx.log) as progress:
+    with Progress("fit_factors", passes(spec) * rows(train), ctx.log,
+                  every_s=cfg.cluster.progress_every_s) as progress:
         metrics = fit_factors(read_prepared(train, cluster), spec, cluster, out.root,
                               ray_storage(cfg), cfg.cluster.max_failures, progress.counter)
     units = json.loads(out.units.read_text())
@@ -108,7 +109,8 @@ def _score_missing(ctx: StageContext, spec, queries, train: Path, todo, cluster,
         connect(cluster)
         features = features_in(work, spec, queries, _factors(ctx, spec), cluster)
         total = sum(stop - start for start, stop in todo)
-        with Progress("score", total, ctx.log) as progress:
+        every_s = ctx.cfg.cluster.progress_every_s
+        with Progress("score", total, ctx.log, every_s=every_s) as progress:
             metrics = score_shards(train, todo, spec, features, cluster, work, progress.counter)
     else:
         metrics = {"sequences": 0, "tokens": 0, "seconds": 0.0}
