@@ -19,11 +19,6 @@ PYTEST_ARGS ?= --durations=25
 # Byte-compiling every installed module took 65 of the install's 120 s on 2 cores; Python
 # compiles (and caches) the modules a run imports when it first imports them.
 NO_COMPILE ?= --no-compile
-# `make test` runs two pytest workers: most of a serial run waits on Ray's start-ups and
-# polls (about a third of two cores busy). Each test module, and the tests of the shared demo
-# run, stay in one worker (tests/conftest.py); TEST_WORKERS=0 runs serially.
-TEST_WORKERS ?= 2
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 
 .PHONY: help install demo test test-hosts test-fast bench bench-gpu bench-suite plan bench-quick lint clean
 
@@ -44,7 +39,7 @@ demo: $(STAMP)  ## run the embedded demo end to end (python -m pipeline)
 	$(PY) -m pipeline
 
 test: $(STAMP) test-hosts  ## the whole suite CI can afford: fast math, real Ray/DeepSpeed/MLflow/Hydra, end to end
-	$(PY) -m pytest tests $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The two-node test makes two hosts with iproute2's `ip netns` (root); it skips, saying why, without.
 test-hosts:

@@ -37,6 +37,10 @@ def summary(cfg: LancetConf, out: dict) -> str:
     if cached:
         lines.append(f"  reused from cache:   {', '.join(cached)}")
     uri = out["tracking_uri"]
+    if out["run_id"] is None:  # nothing was logged: no run to point at
+        why = "no run was logged" if cfg.mlflow.enabled else "off (mlflow.enabled=false)"
+        lines.append(f"  MLflow:              {why}")
+        return "\n".join(lines)
     lines.append(f"  MLflow runs:         {uri} (run {out['run_id']})")
     if uri.startswith("sqlite:"):
         lines.append(f"  open the UI:         mlflow ui --backend-store-uri {uri} --host 127.0.0.1")

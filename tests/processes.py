@@ -1,7 +1,8 @@
 """This test process's own descendants by title: the Ray workers of the Ray it started.
 
-Tests that kill a worker must not kill another test's (pytest-xdist runs two at once): Ray's
-head processes are children of the driver that started them, and its workers theirs.
+Tests that kill a worker must not kill a worker of another Ray on the machine (a user's, a
+second test run's): Ray's head processes are children of the driver that started them, and its
+workers theirs.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ def mlflow_server(root: Path):
 def ray_head(root: Path, num_cpus: int = 2):
     """``ray start --head --block`` on 127.0.0.1 with its own ports and temp dir, in a process
     group of its own; stopping it stops that group only (``ray stop`` would stop every Ray of
-    the machine, a parallel test's too)."""
+    the machine: a user's, a second test run's)."""
     ports = {"port": free_port(), "dashboard": free_port()}
     temp = Path("/tmp") / f"ray_t{ports['port']}"  # Ray caps the socket path length
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
@@ -78,8 +78,8 @@ def ray_head(root: Path, num_cpus: int = 2):
 
 def stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM the process group (``ray start --block`` tears its node down), then SIGKILL
-    what is left of it."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+    what is left of it after 5 s (a test's node need not go gracefully)."""
+    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
         try:
             os.killpg(proc.pid, sig)
             proc.wait(timeout=wait)

@@ -103,3 +103,15 @@ def test_a_stage_recomputed_from_a_damaged_cache_is_tagged_as_computed(tmp_path)
     recorder = Recorder()
     assert run_dag(stages, cfg, recorder, print)["s"]["cached"] is False
     assert recorder.tagged == [{"lancet.cached": "false"}]
+
+
+def test_the_summary_points_at_the_mlflow_run_or_says_none_was_logged():
+    from test_configs import compose_typed
+
+    from pipeline.summary import summary
+    results = {"results": {}, "tracking_uri": "sqlite:///x/mlflow.db"}
+    logged = summary(compose_typed([]), {**results, "run_id": "abc"})
+    assert "MLflow runs:         sqlite:///x/mlflow.db (run abc)" in logged
+    assert "mlflow ui --backend-store-uri sqlite:///x/mlflow.db" in logged
+    off = summary(compose_typed(["mlflow.enabled=false"]), {**results, "run_id": None})
+    assert "MLflow:              off (mlflow.enabled=false)" in off and "run None" not in off
