@@ -16,9 +16,10 @@ export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed JIT-builds a CPU op; keep its cache per venv (two venvs sharing one rebuild it endlessly)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 PYTEST_ARGS ?= --durations=25
-# Byte-compiling every installed module took 65 of the install's 120 s on 2 cores; Python
-# compiles (and caches) the modules a run imports when it first imports them.
-NO_COMPILE ?= --no-compile
+# pip byte-compiles what it installs (65 of the install's 120 s on 2 cores): keep it. This
+# machine sets PYTHONDONTWRITEBYTECODE=1 (CI, a machine like it, may too), so a module left
+# uncompiled is compiled again by every process that imports it (pip --no-compile made the
+# suite take 39 min instead of 21).
 
 .PHONY: help install demo test test-hosts test-fast bench bench-gpu bench-suite plan bench-quick lint clean
 
@@ -28,9 +29,9 @@ help:  ## list the targets
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(NO_COMPILE) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q $(NO_COMPILE) -c constraints.txt -e ".[dev]"
-	$(PY) -m pip install -q $(NO_COMPILE) --no-deps $(KRONFLUENCE_SPEC)
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-deps $(KRONFLUENCE_SPEC)
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install LANCET into it
