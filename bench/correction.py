@@ -65,9 +65,12 @@ def correct(model_dir, root: Path, method: str, name: str, loss: IBOLossConfig |
 def yaml_settings(method: str) -> dict:
     """``correct``'s keyword arguments as ``conf/ibo/<method>.yaml`` sets them."""
     import yaml
-    conf = yaml.safe_load((PROJECT / "conf" / "ibo" / f"{method}.yaml").read_text())
-    loss = IBOLossConfig(beta=float(conf.get("beta", 0.1)), gamma=float(conf.get("gamma", 1.0)),
-                         delta=float(conf.get("delta", 0.0)))
+
+    from pipeline.config import IBOConf
+    conf = {**vars(IBOConf()),  # what the YAML leaves out: the schema's defaults
+            **yaml.safe_load((PROJECT / "conf" / "ibo" / f"{method}.yaml").read_text())}
+    loss = IBOLossConfig(beta=float(conf["beta"]), gamma=float(conf["gamma"]),
+                         delta=float(conf["delta"]))
     return {"loss": loss, "lr": float(conf["lr"]), "steps": int(conf["steps"]),
             "checkpoint_every": int(conf["checkpoint_every"]),
             "reinit": bool(conf.get("reinit", False))}

@@ -62,10 +62,15 @@ def recall_section(quick: bool, work: Path) -> tuple[list[str], dict]:
     return out, keep
 
 
-def correction_section(keep: dict, quick: bool, work: Path) -> tuple[list[str], dict]:
+def _start_ray() -> None:
+    """A local Ray of the benchmark's own (2 CPUs, a thread per worker)."""
     import ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+
+
+def correction_section(keep: dict, quick: bool, work: Path) -> tuple[list[str], dict]:
+    _start_ray()
     corpus, patterns = keep["corpus"], keep["patterns"]
     base = correction.save(keep["model"], keep["tok"], corpus.train, work / "corr")
     by_method = {r["method"]: r for r in keep["rows"] if r["B"] == 1 and r["aggregate"] == "max"}
@@ -109,8 +114,7 @@ def _guarded(job):
     except Exception:  # reported in the table as failed, the benchmark goes on
         traceback.print_exc()
         ray.shutdown()
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        _start_ray()
         return None
 
 
