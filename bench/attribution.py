@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from bench import gpu
-from bench.recall import batches
+from bench.recall import batches, query_parts
 from bench.scenarios import scenario
 from operators.attribution import contributions, mean_group_shares, unit_shares
 from operators.curvature import fit_curvature
@@ -112,11 +112,12 @@ def observed(model, tok, corpus, patterns) -> list[dict]:
 
 
 def block_shares(model, tok, corpus, queries, top_k: int,
-                 config: InfluenceConfig | None = None) -> dict:
-    """LinFAC (the product's defaults unless ``config``) over the corpus: AUPRC, the planted
-    share of the top k, and each block's mean share (attention + MLP) of the top k rows'
-    scores."""
+                 config: InfluenceConfig | None = None, patterns=()) -> dict:
+    """LinFAC (the product's defaults unless ``config``; the queries in its parts, the judged
+    part from ``patterns``) over the corpus: AUPRC, the planted share of the top k, and each
+    block's mean share (attention + MLP) of the top k rows' scores."""
     config = config or InfluenceConfig()
+    queries = query_parts(tok, queries, config, patterns)
     units = units_for(model, config)
     data = batches(tok, corpus.train)
     curvature = fit_curvature(model, units, data, corrected=True, fisher=config.fisher,
@@ -147,7 +148,7 @@ def run(setup: Setup, scenarios=SCENARIOS, log=print) -> list[dict]:
                 queries = observed(model, tok, corpus, patterns)
                 log(f"{name}, seed {seed}: planted in {label}, {len(queries)} queries")
                 found = (block_shares(model, tok, corpus, queries, setup.top_k,
-                                      setup.influence()) if queries else {})
+                                      setup.influence(), patterns) if queries else {})
                 rows.append({"scenario": name, "seed": seed, "planted in": label,
                              "planted": blocks, "queries": len(queries), **found})
     return rows

@@ -132,7 +132,8 @@ def prepare(s: Scenario, root: Path) -> Case | None:
     case.before = evaluate(model, tok, case)
     if not queries or not case.before["seen"] or not case.before["unseen"]:
         return None
-    raw, _, _ = recall.score(model, tok, corpus.train, queries[:8], InfluenceConfig())
+    raw, _, _ = recall.score(model, tok, corpus.train, queries[:8], InfluenceConfig(),
+                             patterns=patterns)
     score = aggregate(raw, "max").tolist()
     ranked = [{**r, "score": s, "rank": 0} for r, s in zip(corpus.train, score)]
     write_parquet_atomic(ranked, case.ranked)

@@ -13,6 +13,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -76,7 +77,8 @@ def lds(corpus, queries, subsets: int = 20, size: int = 150, seed: int = 0,
     actual = torch.stack(actual)  # [subsets, queries]
     out = {}
     for name, cfg in (variants or VARIANTS).items():
-        raw, _, _ = score(base, tok, rows, queries, cfg)  # [N, Q]
+        # LDS predicts each query's whole-response loss: one query each, no parts
+        raw, _, _ = score(base, tok, rows, queries, replace(cfg, query_parts=("response",)))
         predicted = torch.stack([-raw[h].sum(0) for h in halves])  # loss falls as log p rises
         out[name] = sum(spearman(predicted[:, q], actual[:, q])
                         for q in range(len(queries))) / len(queries)

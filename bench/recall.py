@@ -13,6 +13,7 @@ import torch
 from operators.curvature import fit_curvature
 from operators.generation import greedy_generate
 from operators.metrics import auprc, recall_at_k
+from operators.query_parts import compile_patterns, expand, part_encoding
 from operators.scores import (
     InfluenceConfig,
     aggregate,
@@ -31,9 +32,18 @@ METHODS = [("linfac", "dot"), ("ekfac", "dot"), ("kfac", "dot"), ("gradsim", "do
 
 
 def batches(tok, rows, size=32, context=64, train_on_prompt=False):
-    enc = [encode(tok, r["prompt"], r["response"], context, train_on_prompt=train_on_prompt)
-           for r in rows]
+    enc = [part_encoding(tok, encode(tok, r["prompt"], r["response"], context,
+                                     train_on_prompt=train_on_prompt), r) for r in rows]
     return [collate(enc[i:i + size], tok.pad_token_id) for i in range(0, len(enc), size)]
+
+
+def query_parts(tok, queries, config: InfluenceConfig, patterns=()) -> list[dict]:
+    """The queries in ``config.query_parts`` (as cluster.scoring.query_part_rows), the judged
+    part from the judge's ``patterns``; a method without units (repsim) keeps them whole."""
+    if config.kind.units is None:
+        return queries
+    return expand(queries, config.query_parts, compile_patterns(patterns), config.opening_tokens,
+                  lambda r: encode(tok, r["prompt"], r["response"], 64), tok)
 
 
 def trained(corpus, patterns, epochs=20, width=64, seed=0):
@@ -49,11 +59,12 @@ def trained(corpus, patterns, epochs=20, width=64, seed=0):
 
 
 def score(model, tok, train_rows, queries, config: InfluenceConfig, train_on_prompt=False,
-          seed: int = 0):
+          seed: int = 0, patterns=()):
     """(raw scores [N, Q], fit seconds, score seconds). ``train_on_prompt``: the training
     gradients and factors over the whole sequence (``model.train_on_prompt``); ``seed``: of
-    the sampled Fisher's labels."""
+    the sampled Fisher's labels; ``patterns``: the judge's, for the judged query part."""
     units = units_for(model, config)
+    queries = query_parts(tok, queries, config, patterns)
     data = batches(tok, train_rows, train_on_prompt=train_on_prompt)
     began = time.perf_counter()
     curv = (fit_curvature(model, units, data, corrected=config.kind.eigen_correction,
@@ -72,21 +83,22 @@ def quality(scores, labels) -> dict:
     return {"auprc": auprc(s, labels), "recall_at_k": recall_at_k(s, labels)}
 
 
-def recall_table(model, tok, corpus, queries, batch_sizes=(1,)) -> list[dict]:
+def recall_table(model, tok, corpus, queries, batch_sizes=(1,), patterns=()) -> list[dict]:
     labels = [r["planted"] for r in corpus.train]
     rows = []
     for method, sim in METHODS:
         for b in batch_sizes:
             cfg = InfluenceConfig(method=method, similarity=sim,
                                   query_batch_size=len(queries) if b == "all" else b)
-            raw, fit_s, score_s = score(model, tok, corpus.train, queries, cfg)
+            raw, fit_s, score_s = score(model, tok, corpus.train, queries, cfg,
+                                        patterns=patterns)
             for how in ("max", "mean"):
                 rows.append({"method": f"{method}" + (f"-{sim}" if method == "gradsim" else ""),
                              "B": b, "aggregate": how, **quality(aggregate(raw, how), labels),
                              "fit_s": fit_s, "score_s": score_s})
     for rank in (32, 8):  # low-rank queries (influence.query_rank) against full rank
         raw, fit_s, score_s = score(model, tok, corpus.train, queries,
-                                    InfluenceConfig(query_rank=rank))
+                                    InfluenceConfig(query_rank=rank), patterns=patterns)
         for how in ("max", "mean"):
             rows.append({"method": f"linfac-rank{rank}", "B": 1, "aggregate": how,
                          **quality(aggregate(raw, how), labels), "fit_s": fit_s,
@@ -98,16 +110,18 @@ def recall_table(model, tok, corpus, queries, batch_sizes=(1,)) -> list[dict]:
     return rows
 
 
-def kronfluence_run(model, tok, corpus, queries, strategy: str) -> dict:
+def kronfluence_run(model, tok, corpus, queries, strategy: str, patterns=()) -> dict:
     """kronfluence's EK-FAC/KFAC on the same model (Conv1D → Linear) and data, B = 1, max."""
-    raw, seconds = kronfluence_scores(model, tok, corpus, queries, strategy)
+    raw, seconds = kronfluence_scores(model, tok, corpus, queries, strategy, patterns)
     labels = [r["planted"] for r in corpus.train]
     return {"method": f"kronfluence-{strategy}", "B": 1, "aggregate": "max",
             **quality(aggregate(raw, "max"), labels), "fit_s": seconds, "score_s": 0.0}
 
 
-def kronfluence_scores(model, tok, corpus, queries, strategy: str):
-    """(kronfluence's raw pairwise scores [N, Q] float64, wall seconds incl. its disk I/O)."""
+def kronfluence_scores(model, tok, corpus, queries, strategy: str, patterns=()):
+    """(kronfluence's raw pairwise scores [N, Q] float64, wall seconds incl. its disk I/O); the
+    queries in the product's default parts, as every other method gets them."""
+    queries = query_parts(tok, queries, InfluenceConfig(), patterns)
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -128,7 +142,7 @@ def kronfluence_scores(model, tok, corpus, queries, strategy: str):
             return names
 
     def dataset(rows):
-        enc = [encode(tok, r["prompt"], r["response"], 64) for r in rows]
+        enc = [part_encoding(tok, encode(tok, r["prompt"], r["response"], 64), r) for r in rows]
         b = collate(enc, tok.pad_token_id)
         return [{k: v[i] for k, v in b.items() if k != "prompt_last"} for i in range(len(rows))]
 

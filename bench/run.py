@@ -51,10 +51,11 @@ def recall_section(quick: bool, work: Path) -> tuple[list[str], dict]:
             out += [title, "", "The model did not show the behaviour: nothing to recall.", ""]
             continue
         sizes = (1, 8, "all") if name == "harm" else (1,)
-        rows = recall.recall_table(model, tok, corpus, queries, sizes)
+        rows = recall.recall_table(model, tok, corpus, queries, sizes, patterns)
         if name == "harm" or not quick:
             for strategy in ("ekfac", "kfac"):
-                rows.append(recall.kronfluence_run(model, tok, corpus, queries, strategy))
+                rows.append(recall.kronfluence_run(model, tok, corpus, queries, strategy,
+                                                   patterns))
         out += [title, "", table(rows), ""]
         if name == "harm":
             keep = {"model": model, "tok": tok, "corpus": corpus, "queries": queries,
@@ -77,7 +78,7 @@ def correction_section(keep: dict, quick: bool, work: Path) -> tuple[list[str], 
     before = correction.evaluate(base, base, corpus, patterns)
     rows = [{"method": "before", **before, "step_ms": 0.0}]
     linfac_scores, _, _ = recall.score(keep["model"], keep["tok"], corpus.train, keep["queries"],
-                                       recall.InfluenceConfig())
+                                       recall.InfluenceConfig(), patterns=patterns)
     from operators.scores import aggregate
     sizes = correction.select_from_scores(corpus.train, aggregate(linfac_scores).tolist(),
                                           work / "corr")
@@ -125,7 +126,8 @@ def feed_section(keep, base, work, before, by_method) -> list[str]:
         root = work / f"feed_{method}_{sim}"
         shutil.copytree(work / "corr" / "model", root / "model")
         raw, _, _ = recall.score(keep["model"], keep["tok"], keep["corpus"].train,
-                                 keep["queries"], InfluenceConfig(method=method, similarity=sim))
+                                 keep["queries"], InfluenceConfig(method=method, similarity=sim),
+                                 patterns=keep["patterns"])
         correction.select_from_scores(keep["corpus"].train, aggregate(raw).tolist(), root)
         name = method + (f"-{sim}" if method == "gradsim" else "")
         if not (root / "select" / "pairs.parquet").is_file():

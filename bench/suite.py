@@ -48,6 +48,12 @@ OPTIONS = {
     "train_on_prompt=true": ({}, {"train_on_prompt": True}),
     "B=4, grouping=order": ({"query_batch_size": 4, "query_grouping": "order"}, {}),
     "B=4, grouping=similarity": ({"query_batch_size": 4, "query_grouping": "similarity"}, {}),
+    "query_parts=[response] (one query per output)": ({"query_parts": ("response",)}, {}),
+    "query_parts=[response, judged]": ({"query_parts": ("response", "judged")}, {}),
+    "query_parts=[response, opening]": ({"query_parts": ("response", "opening")}, {}),
+    "query_parts=[judged, opening]": ({"query_parts": ("judged", "opening")}, {}),
+    "opening_tokens=1": ({"opening_tokens": 1}, {}),
+    "opening_tokens=5": ({"opening_tokens": 5}, {}),
 }
 KFAC_AS_KRONFLUENCE = "kfac, damping_absolute=1e-8 (kronfluence's)"
 
@@ -79,18 +85,18 @@ def measure(s: Scenario, kron: bool) -> dict:
     seen_labels = [r["planted"] and r["wording"] in shown for r in corpus.train]
     for method, sim in recall.METHODS:
         raw, _, _ = recall.score(model, tok, corpus.train, queries,
-                                 InfluenceConfig(method=method, similarity=sim))
+                                 InfluenceConfig(method=method, similarity=sim), patterns=patterns)
         record(_label(method, sim), raw, RULES)
     for option, (overrides, kwargs) in OPTIONS.items():
         raw, _, _ = recall.score(model, tok, corpus.train, queries,
-                                 InfluenceConfig(**overrides), **kwargs)
+                                 InfluenceConfig(**overrides), patterns=patterns, **kwargs)
         record(f"linfac {option}", raw)
     raw, _, _ = recall.score(model, tok, corpus.train, queries, InfluenceConfig(
-        method="kfac", damping=DampingConfig(absolute=1e-8)))
+        method="kfac", damping=DampingConfig(absolute=1e-8)), patterns=patterns)
     record(KFAC_AS_KRONFLUENCE, raw)
     if kron:
         for strategy in ("ekfac", "kfac"):
-            raw, _ = recall.kronfluence_scores(model, tok, corpus, queries, strategy)
+            raw, _ = recall.kronfluence_scores(model, tok, corpus, queries, strategy, patterns)
             record(f"kronfluence-{strategy}", raw)
     return out
 

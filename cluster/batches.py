@@ -10,6 +10,8 @@ import torch
 
 from operators.chat import TEMPLATES, Turns
 from operators.errors import UserError
+from operators.query_parts import FIELDS as PART_FIELDS
+from operators.query_parts import PART, part_encoding
 from operators.sequences import Encoded, collate, encode, sample_seed
 
 # The conversation before the response (a JSON list of {role, content}), written by
@@ -66,14 +68,23 @@ def to_tensors(columns: dict[str, np.ndarray], tokenizer, config: TokenizeConfig
     turns = columns.get(TURNS, [None] * len(ids))
     encoded = [encode_row(tokenizer, config, p, r, t)
                for p, r, t in zip(columns["prompt"], columns["response"], turns)]
+    if PART in columns:  # query parts (operators/query_parts.py): the loss on some tokens only
+        encoded = [part_encoding(tokenizer, enc, _row(columns, i, ("response", *PART_FIELDS)))
+                   for i, enc in enumerate(encoded)]
     seeds = [sample_seed(i, str(config.seed)) for i in ids]
     batch = collate(encoded, tokenizer.pad_token_id, seeds)
     return {k: v.to(dtype_device) for k, v in batch.items()}
 
 
+def _row(columns: dict[str, np.ndarray], i: int, keys) -> dict:
+    return {k: columns[k][i] for k in keys if k in columns}
+
+
 def rows_to_columns(rows: list[dict], keys=("id", "prompt", "response")) -> dict[str, np.ndarray]:
-    """Columns of ``rows``; ``prompt_turns`` comes along when any row has it."""
-    keys = tuple(keys) + ((TURNS,) if TURNS not in keys and any(TURNS in r for r in rows) else ())
+    """Columns of ``rows``; ``prompt_turns`` and the query-part fields come along when any row
+    has them."""
+    keys = tuple(keys) + tuple(k for k in (TURNS, *PART_FIELDS)
+                               if k not in keys and any(k in r for r in rows))
     return {k: np.array([r.get(k) for r in rows], dtype=object) for k in keys}
 
 

@@ -31,13 +31,21 @@ import pyarrow.parquet as pq
 import torch
 
 from cluster.atomic import atomic
-from cluster.batches import TokenizeConfig, iter_row_batches, text_columns, to_tensors
+from cluster.batches import (
+    TURNS,
+    TokenizeConfig,
+    encode_row,
+    iter_row_batches,
+    text_columns,
+    to_tensors,
+)
 from cluster.factor_job import load_curvature
 from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads
 from operators.errors import UserError
 from operators.factors import stat_dtype
+from operators.query_parts import compile_patterns, expand
 from operators.scores import (
     InfluenceConfig,
     aggregate,
@@ -61,6 +69,8 @@ class ScoreSpec:
     trust_remote_code: bool = False
     # re-score this many top-ranked rows per unit for their per-sublayer shares (0: none)
     attribution_top_k: int = 100
+    # the keyword judge's patterns: the ``judged`` query part's tokens (empty: no such part)
+    judge_patterns: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if int(self.attribution_top_k) < 0:
@@ -102,10 +112,23 @@ def precondition(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | Non
         return (to_tensors(cols, tokenizer, spec.tokenize, device)
                 for cols in iter_row_batches(rows, batch_size))
 
+    query_rows = query_part_rows(spec, query_rows, tokenizer, units)
     order = grouping_order(model, units, batches(query_rows), spec.influence)
     rows = query_rows if order is None else [query_rows[i] for i in order]
     features = precondition_queries(model, units, batches(rows), spec.influence, curvature)
     return {k: v.cpu() for k, v in features.items()}
+
+
+def query_part_rows(spec: ScoreSpec, query_rows: list[dict], tokenizer, units) -> list[dict]:
+    """Each query as one row per ``influence.query_parts`` part (operators/query_parts.py); a
+    method without gradients (repsim) reads the prompt only, so its queries stay whole."""
+    if not units:
+        return query_rows
+    config = spec.influence
+    return expand(query_rows, config.query_parts, compile_patterns(spec.judge_patterns),
+                  config.opening_tokens,
+                  lambda r: encode_row(tokenizer, spec.tokenize, r["prompt"], r["response"],
+                                       r.get(TURNS)), tokenizer)
 
 
 def precondition_on_worker(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | None,
@@ -263,7 +286,7 @@ def finalize(raw_dir: Path, out_dir: Path, how: str,
                                    column)
     bad = [str(ranking.ids[i]) for i in np.nonzero(~np.isfinite(ranking.score))[0]]
     return {"rows": len(ranking.ids), "nonfinite_ids": bad[:100], "nonfinite": len(bad),
-            **(column.metrics if column is not None else {})}
+            "query_batches": len(ranking.scales), **(column.metrics if column is not None else {})}
 
 
 def _batches(path: Path, columns: list[str] | None = None):

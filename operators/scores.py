@@ -34,6 +34,7 @@ from operators.factors import DampingConfig
 from operators.lowrank import compress, formed_scores, lowrank_scores, token_path_is_cheaper
 from operators.methods import InfluenceMethod, get_method
 from operators.query_grouping import GROUPINGS, query_sketches, similarity_order
+from operators.query_parts import DEFAULT_OPENING, DEFAULT_PARTS, check_parts
 from operators.units import Unit, discover_units
 
 AGGREGATES = ("max", "mean")
@@ -59,6 +60,10 @@ class InfluenceConfig:
     module_filter: str = ""  # ekfac/kfac/gradsim: only linear modules whose name contains it
     query_rank: int | None = None  # keep each preconditioned query as rank-r factors (None: full)
     query_grouping: str = "similarity"  # which queries share a batch of B (or file order)
+    # which tokens of each query a query is taken over, each part a query of its own
+    # (operators/query_parts.py): the whole response, the judge's match, the opening tokens
+    query_parts: tuple[str, ...] = DEFAULT_PARTS
+    opening_tokens: int = DEFAULT_OPENING
 
     def __post_init__(self) -> None:
         get_method(self.method)  # an unknown method fails here, naming the key
@@ -66,6 +71,7 @@ class InfluenceConfig:
         _check("influence.query_grouping", self.query_grouping, GROUPINGS)
         _check("influence.similarity", self.similarity, SIMILARITIES)
         _check("influence.fisher", self.fisher, FISHER_KINDS)
+        object.__setattr__(self, "query_parts", check_parts(self.query_parts, self.opening_tokens))
         if int(self.query_batch_size) < 1:
             raise UserError(f"influence.query_batch_size={self.query_batch_size}: must be >= 1")
         if self.query_rank is not None and int(self.query_rank) < 1:

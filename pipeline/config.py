@@ -75,6 +75,13 @@ class InfluenceConf:
     # Which queries share a batch when query_batch_size > 1: similarity (default: queries whose
     # gradients point the same way, so different outputs are not averaged) | order (the file's).
     query_grouping: str = "similarity"
+    # Which tokens of each observed bad output a query is taken over, each part a query of its
+    # own (its own score column; max keeps a sample that drives any of them): response (every
+    # response token), judged (those judge.patterns match; keyword judge only), opening (the
+    # first opening_tokens). All three: dev median AUPRC 0.79 -> 0.94 on bench.suite
+    # (docs/METHOD.md); [response] is LANCET.md's single query per output.
+    query_parts: list[str] = field(default_factory=lambda: ["response", "judged", "opening"])
+    opening_tokens: int = 3
     # How per-batch scores combine: max | mean.
     aggregate: str = "max"
     # dot | cosine: cosine unit-normalises both sides (gradsim: the gradients; linfac, ekfac,

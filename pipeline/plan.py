@@ -41,6 +41,7 @@ class PlanConfig:
     dtype: str = "bfloat16"  # [model.dtype]
     method: str = "linfac"  # [influence.method]
     queries: int = 64  # influence queries
+    query_parts: int = 3  # parts per query, each a query of its own [influence.query_parts]
     query_batch_size: int = 1  # [influence.query_batch_size]
     query_rank: int | None = 32  # [influence.query_rank]
     workers: int = 8  # GPUs [cluster.num_workers]
@@ -139,15 +140,15 @@ def _score_peaks(session: Session, plan: PlanConfig, units, eigens, dtype) -> di
         curvature = Curvature(eigens, lambdas, dict.fromkeys(eigens, 0.1)).to("cpu", dtype)
     kept = [t for e in curvature.eigens.values() for t in (e.qa, e.qs)]
     kept += list(curvature.lambdas.values())
-    loader = max(1, min(plan.batch_size, plan.queries))
-    batches = [session.batch(loader, plan.tokens)
-               for _ in range(math.ceil(plan.queries / loader))]
+    rows = plan.queries * plan.query_parts  # every part is preconditioned as a query
+    loader = max(1, min(plan.batch_size, rows))
+    batches = [session.batch(loader, plan.tokens) for _ in range(math.ceil(rows / loader))]
     precondition, queries = session.peak(lambda: precondition_queries(
         session.model, units, batches, config, curvature), kept)
     train = session.batch(plan.batch_size, plan.tokens)
     scoring = session.peak(lambda: score_batch(session.model, units, train, queries, config),
                            list(queries.values()))[0]
-    return {f"score: precondition {plan.queries} queries": precondition,
+    return {f"score: precondition {plan.queries} queries × {plan.query_parts} parts": precondition,
             "score: scoring pass": scoring}
 
 

@@ -56,7 +56,17 @@ def influence(cfg: LancetConf) -> InfluenceConfig:
     return InfluenceConfig(method=i.method, query_batch_size=i.query_batch_size,
                            aggregate=i.aggregate, similarity=i.similarity, fisher=i.fisher,
                            damping=damping(cfg), module_filter=i.module_filter,
-                           query_rank=i.query_rank, query_grouping=i.query_grouping)
+                           query_rank=i.query_rank, query_grouping=i.query_grouping,
+                           query_parts=tuple(i.query_parts), opening_tokens=i.opening_tokens)
+
+
+def judge_patterns(cfg: LancetConf) -> tuple[str, ...]:
+    """The keyword judge's patterns where they judge this run's outputs (the demo's patterns
+    never judge the user's data), else none: the ``judged`` query part then stays out."""
+    j = cfg.judge
+    if j.kind != "keyword" or (j.demo and cfg.data.train):
+        return ()
+    return tuple(j.patterns)
 
 
 def selection(cfg: LancetConf) -> SelectionConfig:
@@ -82,7 +92,8 @@ def factor_spec(cfg: LancetConf, model_path: str) -> FactorSpec:
 def score_spec(cfg: LancetConf, model_path: str) -> ScoreSpec:
     return ScoreSpec(model_path=model_path, influence=influence(cfg), dtype=cfg.model.dtype,
                      tokenize=tokenize(cfg), trust_remote_code=cfg.model.trust_remote_code,
-                     attribution_top_k=cfg.influence.attribution_top_k)
+                     attribution_top_k=cfg.influence.attribution_top_k,
+                     judge_patterns=judge_patterns(cfg))
 
 
 def deepspeed_path(cfg: LancetConf) -> Path:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 
 from cluster.batches import iter_row_batches, to_tensors
-from cluster.scoring import ScoreSpec, model_and_units
+from cluster.scoring import ScoreSpec, model_and_units, query_part_rows
 from operators.curvature import Curvature, fit_curvature
 from operators.factors import DampingConfig
 from operators.scores import aggregate, grouping_order, precondition_queries, score_batch
@@ -28,7 +28,8 @@ def influence_in_process(spec: ScoreSpec, rows: list[dict], queries: list[dict],
     def query_batches(rows):
         return (to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(rows, 8))
 
-    order = grouping_order(model, units, query_batches(queries), spec.influence)  # as scoring
+    queries = query_part_rows(spec, queries, tok, units)  # as scoring
+    order = grouping_order(model, units, query_batches(queries), spec.influence)
     queries = queries if order is None else [queries[i] for i in order]
     features = precondition_queries(model, units, query_batches(queries), spec.influence,
                                     curvature)

@@ -79,6 +79,24 @@ def test_query_grouping_reaches_the_influence_config_and_the_score_stage_key():
     assert "influence.query_grouping" in score.config_keys  # another grouping: another scoring
 
 
+def test_query_parts_reach_the_score_spec_with_the_judges_patterns_where_they_judge():
+    from pipeline.specs import influence, score_spec
+    from pipeline.stages.table import STAGES
+    assert influence(compose_typed([])).query_parts == ("response", "judged", "opening")
+    one = compose_typed(["influence.query_parts=[response]", "influence.opening_tokens=5"])
+    assert influence(one).query_parts == ("response",) and influence(one).opening_tokens == 5
+    assert score_spec(compose_typed([]), "m").judge_patterns  # the demo's judge, on the demo
+    user = ["model.path=/m", "data.train=t.jsonl", "data.queries=q.jsonl"]
+    assert score_spec(compose_typed(user), "m").judge_patterns == ()  # never on user data
+    mine = compose_typed(user + ["judge=keyword", "judge.patterns=[idiot]"])
+    assert score_spec(mine, "m").judge_patterns == ("idiot",)
+    score = next(s for s in STAGES if s.name == "score")
+    assert {"influence.query_parts", "influence.opening_tokens", "judge.patterns"} <= set(
+        score.config_keys)
+    with pytest.raises(ValueError, match=re.escape("influence.query_parts: 'tail' is not")):
+        validate(compose_typed(["influence.query_parts=[response,tail]"]))
+
+
 # Every numeric key of pipeline/config.py, out of range: refused at start-up, naming the key.
 OUT_OF_RANGE = [
     ("model.max_length=1", "model.max_length=1: must be >= 2"),
@@ -96,6 +114,7 @@ OUT_OF_RANGE = [
     ("influence.damping=nan", "influence.damping=nan: must be >= 0"),
     ("influence.damping_absolute=-1e-3", "influence.damping_absolute=-0.001: must be >= 0"),
     ("influence.attribution_top_k=-1", "influence.attribution_top_k=-1: must be >= 0"),
+    ("influence.opening_tokens=0", "influence.opening_tokens=0: must be >= 1"),
     ("ibo.beta=0", "ibo.beta=0.0: must be > 0"),
     ("ibo.gamma=-1", "ibo.gamma=-1.0: must be >= 0"),
     ("ibo.steps=0", "ibo.steps=0: must be >= 1"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -70,9 +69,13 @@ def run_score(ctx: StageContext) -> dict:
     if summary["nonfinite"]:
         ctx.log(f"WARNING: {summary['nonfinite']} samples had NaN/inf gradients and are "
                 f"excluded: {summary['nonfinite_ids'][:10]}")
-    n_batches = math.ceil(len(queries) / spec.influence.query_batch_size)
+    # queries in parts: every query's response, judged and opening parts (operators/query_parts)
+    ctx.log(f"score: {len(queries)} queries in {summary['query_batches']} query batches "
+            f"(influence.query_parts={list(spec.influence.query_parts)}, "
+            f"query_batch_size={spec.influence.query_batch_size})")
     return {"score/sequences_per_s": metrics["sequences_per_s"],
-            "score/tokens_per_s": metrics["tokens_per_s"], "score/query_batches": n_batches,
+            "score/tokens_per_s": metrics["tokens_per_s"],
+            "score/query_batches": summary["query_batches"],
             "score/nonfinite": summary["nonfinite"], "score/rows": summary["rows"],
             "score/shards_reused": len(shards) - len(todo), "score/shards_scored": len(todo),
             **{k: v for k, v in summary.items() if k.startswith("attribution/")}}

@@ -35,9 +35,11 @@ STAGES = [
     Stage("score", influence.run_score, ("prepare", "fit_factors"),
           INFLUENCE_KEYS + ("influence.query_batch_size", "influence.aggregate",
                             "influence.similarity", "influence.query_rank",
-                            "influence.query_grouping", "influence.attribution_top_k"),
+                            "influence.query_grouping", "influence.attribution_top_k",
+                            "influence.query_parts", "influence.opening_tokens",
+                            "judge.kind", "judge.patterns", "judge.demo"),
           "influence",
-          version="4"),  # 4: the top rows' per-sublayer shares (unit_shares, issue #17)
+          version="5"),  # 5: queries in parts (response, judged, opening; issue #17)
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
     # ibo.batch_size is rows per worker: the real batch is batch_size × num_workers
