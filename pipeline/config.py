@@ -87,9 +87,10 @@ class InfluenceConf:
     # dot | cosine: cosine unit-normalises both sides (gradsim: the gradients; linfac, ekfac,
     # kfac: the preconditioned query and the training gradient, "normalised influence").
     similarity: str = "dot"
-    # The curvature's labels: empirical (the data's, default: better recall and LDS on the
-    # benchmark, docs/METHOD.md) | sampled (drawn from the model: the true Fisher).
-    fisher: str = "empirical"
+    # The curvature's labels: sampled (drawn from the model: the true Fisher; default, the
+    # higher recall on bench.suite) | empirical (the data's: the higher LDS, no label noise;
+    # docs/METHOD.md section 1).
+    fisher: str = "sampled"
     # λ = damping · mean(Λ) per unit, unless damping_absolute is set.
     damping: float = 0.1
     damping_absolute: float | None = None
