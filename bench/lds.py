@@ -123,7 +123,7 @@ def render(per_seed: dict[int, dict[str, float]], subsets: int, minutes: float) 
 def main(argv: list[str] | None = None) -> int:
     from bench import gpu
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--subsets", type=int, default=20)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)

@@ -135,7 +135,8 @@ def expand(rows: list[dict], parts: tuple[str, ...], regexes: list[re.Pattern], 
                 mask = part_encoding(tokenizer, full, candidate).loss_mask
                 if not any(mask) or mask == full.loss_mask:
                     continue
-                candidate["id"] = f"{row['id']}#{part}"
+                if "id" in row:
+                    candidate["id"] = f"{row['id']}#{part}"
             kept.append(candidate)
         out += kept or [dict(row, **{PART: "response", SPANS: None, FIRST: None})]
     return out
