@@ -29,9 +29,13 @@ def save(model, tok, rows, root: Path):
     return root / "model"
 
 
-def select_from_scores(rows, scores, root: Path, alpha=0.8):
+def select_from_scores(rows, raw, root: Path, alpha=0.8):
+    """The select stage's files from raw scores ``[N, Q]`` (max-aggregated, with the
+    inhibition the negative set is built on, as the score stage writes them)."""
+    from operators.scores import aggregate, inhibition
     from operators.selection import SelectionConfig
-    table = [{**r, "score": float(s), "rank": 0} for r, s in zip(rows, scores)]
+    table = [{**r, "score": float(s), "inhibition": float(i), "rank": 0}
+             for r, s, i in zip(rows, aggregate(raw, "max"), inhibition(raw, "max"))]
     write_parquet_atomic(table, root / "ranked.parquet")
     return write_selection(root / "ranked.parquet", SelectionConfig(alpha=alpha), root / "scores",
                            root / "select", "planted")

@@ -40,7 +40,7 @@ from cluster.ibo_objectives import ObjectiveConfig, get_objective
 from cluster.relearn_job import RelearnSpec, relearn
 from cluster.selection_io import write_selection
 from operators.ibo_loss import IBOLossConfig
-from operators.scores import InfluenceConfig, aggregate
+from operators.scores import InfluenceConfig, aggregate, inhibition
 from operators.selection import SelectionConfig
 from pipeline.evaluation import behaviour, clean_perplexity, judged
 from pipeline.judge import Judge, JudgeConfig
@@ -134,8 +134,8 @@ def prepare(s: Scenario, root: Path) -> Case | None:
         return None
     raw, _, _ = recall.score(model, tok, corpus.train, queries[:8], InfluenceConfig(),
                              patterns=patterns)
-    score = aggregate(raw, "max").tolist()
-    ranked = [{**r, "score": s, "rank": 0} for r, s in zip(corpus.train, score)]
+    ranked = [{**r, "score": float(s), "inhibition": float(i), "rank": 0}
+              for r, s, i in zip(corpus.train, aggregate(raw, "max"), inhibition(raw, "max"))]
     write_parquet_atomic(ranked, case.ranked)
     return case
 

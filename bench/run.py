@@ -79,9 +79,7 @@ def correction_section(keep: dict, quick: bool, work: Path) -> tuple[list[str], 
     rows = [{"method": "before", **before, "step_ms": 0.0}]
     linfac_scores, _, _ = recall.score(keep["model"], keep["tok"], corpus.train, keep["queries"],
                                        recall.InfluenceConfig(), patterns=patterns)
-    from operators.scores import aggregate
-    sizes = correction.select_from_scores(corpus.train, aggregate(linfac_scores).tolist(),
-                                          work / "corr")
+    sizes = correction.select_from_scores(corpus.train, linfac_scores, work / "corr")
     for method, settings in correction.BASELINE_SETTINGS.items():
         log(f"correction {method}")
         m = _guarded(lambda method=method, settings=settings: correction.correct(
@@ -120,7 +118,7 @@ def _guarded(job):
 
 
 def feed_section(keep, base, work, before, by_method) -> list[str]:
-    from operators.scores import InfluenceConfig, aggregate
+    from operators.scores import InfluenceConfig
     rows = []
     for method, sim in recall.METHODS:
         root = work / f"feed_{method}_{sim}"
@@ -128,7 +126,7 @@ def feed_section(keep, base, work, before, by_method) -> list[str]:
         raw, _, _ = recall.score(keep["model"], keep["tok"], keep["corpus"].train,
                                  keep["queries"], InfluenceConfig(method=method, similarity=sim),
                                  patterns=keep["patterns"])
-        correction.select_from_scores(keep["corpus"].train, aggregate(raw).tolist(), root)
+        correction.select_from_scores(keep["corpus"].train, raw, root)
         name = method + (f"-{sim}" if method == "gradsim" else "")
         if not (root / "select" / "pairs.parquet").is_file():
             rows.append({"recall": f"{name} (no pairs: IBO needs both influence sets)",

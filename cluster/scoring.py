@@ -50,6 +50,7 @@ from operators.scores import (
     InfluenceConfig,
     aggregate,
     grouping_order,
+    inhibition,
     precondition_queries,
     score_batch,
     units_for,
@@ -237,6 +238,7 @@ class Ranking:
     score: np.ndarray
     rank: np.ndarray
     scales: np.ndarray  # [num_query_batches]: each raw column's std (``aggregate``'s scales)
+    inhibition: np.ndarray | None = None  # operators.scores.inhibition, for the negative set
 
     def top(self, k: int) -> np.ndarray:
         """Positions (raw shards' row order) of the ``k`` best ranks with a finite score,
@@ -259,11 +261,11 @@ def rank_rows(raw_dir: Path, how: str) -> Ranking:
     """Stream the raw shards twice (column scales; ids and scores) and rank every row."""
     files = sorted(raw_dir.glob("*.parquet"))
     scales = _column_scales(files)
-    ids, score = _ids_and_scores(files, scales, how, raw_dir)
+    ids, score, inhibit = _ids_and_scores(files, scales, how, raw_dir)
     order = np.lexsort((ids.astype(str), -np.nan_to_num(score, nan=-np.inf)))
     rank = np.empty(len(ids), dtype=np.int64)
     rank[order] = np.arange(1, len(ids) + 1)
-    return Ranking(ids, score, rank, scales)
+    return Ranking(ids, score, rank, scales, inhibit)
 
 
 def finalize(raw_dir: Path, out_dir: Path, how: str,
@@ -295,7 +297,7 @@ def _batches(path: Path, columns: list[str] | None = None):
 
 def _ids_and_scores(files: list[Path], scales: np.ndarray, how: str, raw_dir: Path):
     """Every row's id and final score, in file order; a repeated id is an error."""
-    ids, scores, seen = [], [], set()
+    ids, scores, inhibits, seen = [], [], [], set()
     for path in files:
         for batch in _batches(path, ["id", "raw"]):
             chunk = batch.column(0).to_pylist()
@@ -303,21 +305,29 @@ def _ids_and_scores(files: list[Path], scales: np.ndarray, how: str, raw_dir: Pa
             ids.extend(chunk)
             raw = torch.from_numpy(_raw_matrix(batch.column(1)))
             scores.append(aggregate(raw, how, torch.from_numpy(scales)).numpy())
+            inhibits.append(inhibition(raw, how, torch.from_numpy(scales)).numpy())
     if len(seen) != len(ids):
         raise RuntimeError(f"scoring produced duplicate ids under {raw_dir}: a retry wrote twice")
-    return np.array(ids, dtype=object), (np.concatenate(scores) if scores else np.zeros(0))
+    return np.array(ids, dtype=object), _joined(scores), _joined(inhibits)
+
+
+def _joined(chunks: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(chunks) if chunks else np.zeros(0)
 
 
 def _write_ranked(path: Path, out: Path, ranking: Ranking, offset: int,
                   column: RowColumn | None = None) -> int:
-    """One raw shard with ``score`` and ``rank`` (the whole corpus's, from ``offset``) in front
-    and ``column`` (if any) after the shard's own; returns the next row offset."""
+    """One raw shard with ``score`` and ``rank`` (the whole corpus's, from ``offset``) in front,
+    ``inhibition`` and ``column`` (if any) after the shard's own; returns the next row offset."""
     writer = None
     for batch in _batches(path):
         rows = slice(offset, offset + batch.num_rows)
         table = pa.Table.from_batches([batch])
         table = table.append_column("score", pa.array(ranking.score[rows], type=pa.float64()))
         table = table.append_column("rank", pa.array(ranking.rank[rows]))
+        if ranking.inhibition is not None:
+            table = table.append_column("inhibition", pa.array(ranking.inhibition[rows],
+                                                               type=pa.float64()))
         if column is not None:
             values = [column.values.get(i) for i in range(rows.start, rows.stop)]
             table = table.append_column(column.arrow_field,

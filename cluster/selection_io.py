@@ -33,13 +33,16 @@ def write_selection(ranked: Path, config: SelectionConfig, scores_dir: Path, sel
         table = table.sort_by("rank")
     table = table.drop([c for c in ("raw", "n_tokens") if c in table.column_names])
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
-    sets = select_sets(scores, config)
+    inhibition = (table.column("inhibition").to_numpy(zero_copy_only=False).astype(np.float64)
+                  if "inhibition" in table.column_names else None)
+    sets = select_sets(scores, config, inhibition)
     front = ["id", "score", "rank", "set"]
     table = table.append_column("set", pa.array(sets.tolist(), type=pa.string()))
     table = table.select(front + [c for c in table.column_names if c not in front])
     _write_table(table, scores_dir / SCORES_FILE)
     core = table.select(text_columns(table.column_names) + ["score"])
-    outputs = {"pairs": _pairs(core, scores, sets, seed), "positive": _positive(core, sets),
+    outputs = {"pairs": _pairs(core, scores, sets, seed, inhibition),
+               "positive": _positive(core, sets),
                "neutral": core.filter(pa.array(sets == NEUTRAL)),
                "retain": core.filter(pa.array((sets == NEUTRAL) | (sets == NEGATIVE)))}
     if label_column and label_column in table.column_names:
@@ -53,9 +56,10 @@ def write_selection(ranked: Path, config: SelectionConfig, scores_dir: Path, sel
             "n_excluded": int((sets == "excluded").sum())}
 
 
-def _pairs(core: pa.Table, scores: np.ndarray, sets: np.ndarray, seed: int) -> pa.Table:
+def _pairs(core: pa.Table, scores: np.ndarray, sets: np.ndarray, seed: int,
+           inhibition: np.ndarray | None) -> pa.Table:
     """``pos_*``/``neg_*`` columns and ε per pair (none unless both sets exist)."""
-    pairs = make_pairs(scores, sets, seed) if _has_both(sets) else []
+    pairs = make_pairs(scores, sets, seed, inhibition) if _has_both(sets) else []
     columns = {}
     for prefix, side in (("pos_", 0), ("neg_", 1)):
         picked = core.take(pa.array([p[side] for p in pairs], type=pa.int64()))

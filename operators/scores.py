@@ -347,6 +347,18 @@ def aggregate(raw: Tensor, how: str = "max", scales: Tensor | None = None) -> Te
     return score.masked_fill(~finite, math.nan)
 
 
+def inhibition(raw: Tensor, how: str = "max", scales: Tensor | None = None) -> Tensor:
+    """How strongly each sample inhibits an observed output ``[N]`` (negative: it does; NaN
+    as ``aggregate``): under ``max`` the most negative scaled column, the dual of the score
+    (a sample that lowers the likelihood of any observed bad output), under ``mean`` the mean
+    score itself. The negative influence set is built on it (operators/selection.py)."""
+    if how != "max":
+        return aggregate(raw, how, scales)
+    finite = torch.isfinite(raw).all(dim=1)
+    scaled = raw / (column_scales(raw) if scales is None else scales)
+    return scaled.min(dim=1).values.masked_fill(~finite, math.nan)
+
+
 def _zmax(raw: Tensor, finite: Tensor) -> Tensor:
     """Max over columns of (raw − column mean) / column std, statistics over finite rows."""
     rows = raw[finite]

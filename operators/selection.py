@@ -1,8 +1,15 @@
 """The influence sets and the IBO pairs (LANCET.md section 4).
 
 D_IF+ is the shortest prefix of the positive scores, sorted descending, that holds a fraction α
-of the total positive mass; D_IF− the same on |score| of the negative scores; both capped at
-``max_fraction`` of the corpus. The rest is D_IF0 (non-finite scores are ``excluded``).
+of the total positive mass; D_IF− the same on |inhibition| of the samples outside D_IF+ whose
+inhibition is negative; both capped at ``max_fraction`` of the corpus. The rest is D_IF0
+(non-finite scores are ``excluded``).
+
+The inhibition (``operators.scores.inhibition``) is the score itself under ``aggregate=mean``
+and the most negative query column under ``max``: the max-score of a sample is negative only
+if it lowers *every* observed output, and with several queries per output (query parts) almost
+no sample does, so D_IF− was empty and IBO had no pairs (docs/METHOD.md section 4). Without an
+inhibition (None) D_IF− is built on the negative scores, as before.
 """
 
 from __future__ import annotations
@@ -42,16 +49,18 @@ def _pareto_prefix(values: np.ndarray, alpha: float, cap: int) -> np.ndarray:
     return order[:min(length, cap)]
 
 
-def select_sets(scores: np.ndarray, config: SelectionConfig) -> np.ndarray:
+def select_sets(scores: np.ndarray, config: SelectionConfig,
+                inhibition: np.ndarray | None = None) -> np.ndarray:
     """The set of every sample: an array of ``positive``/``negative``/``neutral``/``excluded``."""
     scores = np.asarray(scores, dtype=np.float64)
+    against = scores if inhibition is None else np.asarray(inhibition, dtype=np.float64)
     sets = np.full(scores.shape, NEUTRAL, dtype=object)
-    finite = np.isfinite(scores)
+    finite = np.isfinite(scores) & np.isfinite(against)
     sets[~finite] = EXCLUDED
     cap = max(1, math.floor(config.max_fraction * scores.size))
-    for sign, label in ((1.0, POSITIVE), (-1.0, NEGATIVE)):
-        idx = np.nonzero(finite & (sign * scores > 0))[0]
-        chosen = idx[_pareto_prefix(sign * scores[idx], config.alpha, cap)]
+    for values, label in ((scores, POSITIVE), (-against, NEGATIVE)):
+        idx = np.nonzero(finite & (values > 0) & (sets == NEUTRAL))[0]
+        chosen = idx[_pareto_prefix(values[idx], config.alpha, cap)]
         sets[chosen] = label
     if not (sets == NEUTRAL).any():
         raise UserError("no neutral samples remain for the Bregman term: lower "
@@ -59,12 +68,16 @@ def select_sets(scores: np.ndarray, config: SelectionConfig) -> np.ndarray:
     return sets
 
 
-def make_pairs(scores: np.ndarray, sets: np.ndarray, seed: int = 0
-               ) -> list[tuple[int, int, float]]:
+def make_pairs(scores: np.ndarray, sets: np.ndarray, seed: int = 0,
+               inhibition: np.ndarray | None = None) -> list[tuple[int, int, float]]:
     """(z+ index, z− index, ε) pairs: both sets shuffled, the smaller one cycled.
 
-    ε = (I(z+) − I(z−)) / (max I − min I) over the selected sets, in (0, 1].
+    ε = (I(z+) − I(z−)) / (max I − min I) over the selected sets, in (0, 1], with I(z+) the
+    score and I(z−) the inhibition (the score when None).
     """
+    scores = np.asarray(scores, dtype=np.float64)
+    if inhibition is not None:
+        scores = np.where(sets == NEGATIVE, np.asarray(inhibition, dtype=np.float64), scores)
     pos = [int(i) for i in np.nonzero(sets == POSITIVE)[0]]
     neg = [int(i) for i in np.nonzero(sets == NEGATIVE)[0]]
     if not pos or not neg:

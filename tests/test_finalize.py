@@ -52,6 +52,10 @@ def test_streamed_ranking_equals_the_whole_table_ranking(tmp_path, monkeypatch, 
     by_hand = raw / raw.std(dim=0)  # each column's unbiased std
     expect = by_hand.max(1).values if how == "max" else by_hand.mean(1)
     np.testing.assert_allclose(big["score"], expect.numpy(), rtol=1e-12)
+    # the inhibition the negative set is built on: the most negative column (max), the score (mean)
+    inhibits = by_hand.min(1).values if how == "max" else by_hand.mean(1)
+    np.testing.assert_allclose(big["inhibition"], inhibits.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(small.loc[big.index, "inhibition"], big["inhibition"], rtol=1e-12)
 
 
 def test_a_repeated_id_is_refused_and_nothing_is_published(tmp_path):

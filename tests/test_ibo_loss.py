@@ -78,6 +78,22 @@ def test_pairs_cycle_the_smaller_set_and_eps_is_in_unit_interval():
     assert all(0 < eps <= 1 for _, _, eps in pairs)
 
 
+def test_under_max_the_negative_set_comes_from_the_most_negative_column_outside_d_plus():
+    """With several queries a max-score is negative only for a sample that lowers every one;
+    the inhibition (the most negative scaled column) finds the samples that lower some."""
+    from operators.scores import aggregate, inhibition
+    raw = torch.tensor([[5.0, -4.0], [3.0, 1.0], [0.2, -3.0], [0.1, -1.0], [0.1, 0.1]]
+                       + [[0.0, 0.0]] * 15, dtype=torch.float64)
+    score, against = aggregate(raw, "max").numpy(), inhibition(raw, "max").numpy()
+    assert not (score < 0).any()  # no sample lowers both queries: no negatives by the score
+    sets = select_sets(score, SelectionConfig(alpha=0.8, max_fraction=0.2), against)
+    assert sets[0] == "positive"  # most negative on query 2, but it drives query 1
+    assert sets[2] == "negative" and sets[3] == "negative"
+    pairs = make_pairs(score, sets, inhibition=against)
+    assert pairs and all(0 < eps <= 1 for _, _, eps in pairs)
+    np.testing.assert_array_equal(inhibition(raw, "mean").numpy(), aggregate(raw, "mean").numpy())
+
+
 @pytest.mark.parametrize("alpha", [0.0, -0.1, 1.5])
 def test_alpha_out_of_range_is_refused_with_the_key(alpha):
     with pytest.raises(ValueError, match="influence.alpha"):
