@@ -72,8 +72,8 @@ def test_outputs_follow_the_contract(first_run):
     assert (out / "report" / "layer_attribution.csv").read_text().startswith("layer,attn,mlp\n")
     # every query in parts: its whole response, the demo judge's match, its opening tokens
     found = re.search(r"score: (\d+) queries in (\d+) query batches \(influence.query_parts="
-                      r"\['response', 'judged', 'opening'\]", proc.stdout)
-    assert found and int(found[1]) < int(found[2]) <= 3 * int(found[1]), proc.stdout[-3000:]
+                      r"\['response', 'judged', 'opening'\]", proc.stderr)  # the run's log
+    assert found and int(found[1]) < int(found[2]) <= 3 * int(found[1]), proc.stderr[-3000:]
 
 
 def test_rerun_recomputes_nothing_and_alpha_recomputes_from_select(first_run, cache, tmp_path):
