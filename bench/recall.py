@@ -13,7 +13,7 @@ import torch
 from operators.curvature import fit_curvature
 from operators.generation import greedy_generate
 from operators.metrics import auprc, recall_at_k
-from operators.query_parts import compile_patterns, expand, part_encoding
+from operators.query_parts import part_encoding, query_rows
 from operators.scores import (
     InfluenceConfig,
     aggregate,
@@ -40,10 +40,8 @@ def batches(tok, rows, size=32, context=64, train_on_prompt=False):
 def query_parts(tok, queries, config: InfluenceConfig, patterns=()) -> list[dict]:
     """The queries in ``config.query_parts`` (as cluster.scoring.query_part_rows), the judged
     part from the judge's ``patterns``; a method without units (repsim) keeps them whole."""
-    if config.kind.units is None:
-        return queries
-    return expand(queries, config.query_parts, compile_patterns(patterns), config.opening_tokens,
-                  lambda r: encode(tok, r["prompt"], r["response"], 64), tok)
+    return query_rows(config, queries, patterns,
+                      lambda r: encode(tok, r["prompt"], r["response"], 64), tok)
 
 
 def trained(corpus, patterns, epochs=20, width=64, seed=0):

@@ -45,7 +45,7 @@ from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads
 from operators.errors import UserError
 from operators.factors import stat_dtype
-from operators.query_parts import compile_patterns, expand
+from operators.query_parts import query_rows as in_parts
 from operators.scores import (
     InfluenceConfig,
     aggregate,
@@ -113,23 +113,19 @@ def precondition(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | Non
         return (to_tensors(cols, tokenizer, spec.tokenize, device)
                 for cols in iter_row_batches(rows, batch_size))
 
-    query_rows = query_part_rows(spec, query_rows, tokenizer, units)
+    query_rows = query_part_rows(spec, query_rows, tokenizer)
     order = grouping_order(model, units, batches(query_rows), spec.influence)
     rows = query_rows if order is None else [query_rows[i] for i in order]
     features = precondition_queries(model, units, batches(rows), spec.influence, curvature)
     return {k: v.cpu() for k, v in features.items()}
 
 
-def query_part_rows(spec: ScoreSpec, query_rows: list[dict], tokenizer, units) -> list[dict]:
-    """Each query as one row per ``influence.query_parts`` part (operators/query_parts.py); a
-    method without gradients (repsim) reads the prompt only, so its queries stay whole."""
-    if not units:
-        return query_rows
-    config = spec.influence
-    return expand(query_rows, config.query_parts, compile_patterns(spec.judge_patterns),
-                  config.opening_tokens,
-                  lambda r: encode_row(tokenizer, spec.tokenize, r["prompt"], r["response"],
-                                       r.get(TURNS)), tokenizer)
+def query_part_rows(spec: ScoreSpec, rows: list[dict], tokenizer) -> list[dict]:
+    """Each query as one row per ``influence.query_parts`` part (operators/query_parts.py),
+    tokenized as every stage tokenizes it."""
+    return in_parts(spec.influence, rows, spec.judge_patterns,
+                    lambda r: encode_row(tokenizer, spec.tokenize, r["prompt"], r["response"],
+                                         r.get(TURNS)), tokenizer)
 
 
 def precondition_on_worker(spec: ScoreSpec, query_rows: list[dict], factor_dir: Path | None,

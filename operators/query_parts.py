@@ -100,18 +100,19 @@ def part_encoding(tokenizer, enc: Encoded, row: dict) -> Encoded:
     if part == "response":
         return enc
     if part == "opening":
-        first, ordinal = int(row[FIRST]), _ordinals(enc)
-        return restrict(enc, lambda i: ordinal.get(i, first) < first)
+        return _opening(enc, int(row[FIRST]))
     spans = [tuple(s) for s in json.loads(row[SPANS])]
     picked = span_tokens(tokenizer, enc.input_ids[enc.prompt_len:], str(row["response"]), spans)
     return restrict(enc, picked.__contains__)
 
 
-def _ordinals(enc: Encoded) -> dict[int, int]:
-    """Response index -> its rank among the response tokens the loss is on."""
-    on = [i - enc.prompt_len for i in range(enc.prompt_len, len(enc.loss_mask))
-          if enc.loss_mask[i]]
-    return {i: k for k, i in enumerate(on)}
+def _opening(enc: Encoded, first: int) -> Encoded:
+    """``enc`` with the loss on its first ``first`` response tokens the loss was on."""
+    mask, seen = list(enc.loss_mask), 0
+    for i in range(enc.prompt_len, len(mask)):
+        if mask[i]:
+            mask[i], seen = int(seen < first), seen + 1
+    return Encoded(enc.input_ids, mask, enc.prompt_len, enc.truncated)
 
 
 def expand(rows: list[dict], parts: tuple[str, ...], regexes: list[re.Pattern], opening: int,
@@ -140,6 +141,17 @@ def expand(rows: list[dict], parts: tuple[str, ...], regexes: list[re.Pattern], 
             kept.append(candidate)
         out += kept or [dict(row, **{PART: "response", SPANS: None, FIRST: None})]
     return out
+
+
+def query_rows(config, rows: list[dict], patterns, encode_row: Callable[[dict], Encoded],
+               tokenizer) -> list[dict]:
+    """The queries in ``config``'s parts (an ``InfluenceConfig``), the judged part from the
+    judge's ``patterns``; a method without gradient units (repsim) reads the prompt only, so
+    its queries stay whole."""
+    if config.kind.units is None:
+        return rows
+    return expand(rows, config.query_parts, compile_patterns(patterns), config.opening_tokens,
+                  encode_row, tokenizer)
 
 
 def compile_patterns(patterns) -> list[re.Pattern]:

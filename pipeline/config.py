@@ -78,7 +78,7 @@ class InfluenceConf:
     # Which tokens of each observed bad output a query is taken over, each part a query of its
     # own (its own score column; max keeps a sample that drives any of them): response (every
     # response token), judged (those judge.patterns match; keyword judge only), opening (the
-    # first opening_tokens). All three: dev median AUPRC 0.79 -> 0.94 on bench.suite
+    # first opening_tokens). All three: dev median AUPRC 0.64 -> 0.97 on bench.suite
     # (docs/METHOD.md); [response] is LANCET.md's single query per output.
     query_parts: list[str] = field(default_factory=lambda: ["response", "judged", "opening"])
     opening_tokens: int = 3

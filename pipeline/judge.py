@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 
 from operators.errors import UserError
+from operators.query_parts import compile_patterns
 
 # Common refusal openings (straight or curly apostrophes), then the demo's refusal wording
 # ("i can not help with that . … please talk to someone .", pipeline/demo/corpus.py).
@@ -59,7 +60,7 @@ class Judge:
         self.config = config
         self.refusal_regexes = [re.compile(p, re.IGNORECASE) for p in config.refusal_patterns]
         if config.kind == "keyword":
-            self.regexes = [re.compile(p, re.IGNORECASE) for p in config.patterns]
+            self.regexes = compile_patterns(config.patterns)  # as the judged query part reads them
         else:
             from transformers import pipeline as hf_pipeline
             self.classifier = hf_pipeline("text-classification", model=config.path,

@@ -28,7 +28,7 @@ def influence_in_process(spec: ScoreSpec, rows: list[dict], queries: list[dict],
     def query_batches(rows):
         return (to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(rows, 8))
 
-    queries = query_part_rows(spec, queries, tok, units)  # as scoring
+    queries = query_part_rows(spec, queries, tok)  # as scoring
     order = grouping_order(model, units, query_batches(queries), spec.influence)
     queries = queries if order is None else [queries[i] for i in order]
     features = precondition_queries(model, units, query_batches(queries), spec.influence,
