@@ -29,7 +29,7 @@ from bench import gpu
 from bench.recall import batches, query_parts
 from bench.scenarios import scenario
 from operators.attribution import contributions, mean_group_shares, unit_shares
-from operators.curvature import fit_curvature
+from operators.curvature import FISHER_KINDS, fit_curvature
 from operators.generation import greedy_generate
 from operators.metrics import auprc
 from operators.scores import (
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=Setup.top_k)
     parser.add_argument("--plant-epochs", type=int, default=Setup.plant_epochs)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(Setup.seeds))
-    parser.add_argument("--fisher", choices=("sampled", "empirical"), default=None)
+    parser.add_argument("--fisher", choices=FISHER_KINDS, default=None)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -38,6 +38,7 @@ def log(msg: str) -> None:
 # LinFAC's options, each changed alone from the product's default InfluenceConfig():
 # label -> (InfluenceConfig overrides, recall.score keyword arguments).
 OPTIONS = {
+    "fisher=mixed, seed 1": ({"fisher": "mixed"}, {"seed": 1}),
     "fisher=sampled": ({"fisher": "sampled"}, {}),
     "fisher=sampled, seed 1": ({"fisher": "sampled"}, {"seed": 1}),
     "fisher=empirical": ({"fisher": "empirical"}, {}),

@@ -55,7 +55,7 @@ class InfluenceConfig:
     query_batch_size: int = 1
     aggregate: str = "max"
     similarity: str = "dot"  # cosine: both sides unit-normalised (not repsim: always cosine)
-    fisher: str = DEFAULT_FISHER  # the curvature's labels: the data's (empirical) or sampled
+    fisher: str = DEFAULT_FISHER  # the curvature's labels: mixed | sampled | empirical
     damping: DampingConfig = field(default_factory=DampingConfig)
     module_filter: str = ""  # ekfac/kfac/gradsim: only linear modules whose name contains it
     query_rank: int | None = None  # keep each preconditioned query as rank-r factors (None: full)

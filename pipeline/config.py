@@ -87,10 +87,11 @@ class InfluenceConf:
     # dot | cosine: cosine unit-normalises both sides (gradsim: the gradients; linfac, ekfac,
     # kfac: the preconditioned query and the training gradient, "normalised influence").
     similarity: str = "dot"
-    # The curvature's labels: sampled (drawn from the model: the true Fisher; default, the
-    # higher recall on bench.suite) | empirical (the data's: the higher LDS, no label noise;
-    # docs/METHOD.md section 1).
-    fisher: str = "sampled"
+    # The curvature's labels: mixed (default: the data's for the factors, drawn from the model
+    # for the eigenvalue correction; sampled's recall on bench.suite with empirical's LDS) |
+    # sampled (drawn from the model in both passes: the true Fisher) | empirical (the data's in
+    # both); docs/METHOD.md section 1.
+    fisher: str = "mixed"
     # λ = damping · mean(Λ) per unit, unless damping_absolute is set.
     damping: float = 0.1
     damping_absolute: float | None = None

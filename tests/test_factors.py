@@ -4,8 +4,8 @@ import pytest
 import torch
 from tiny_models import random_batch, slice_batch, tiny_model
 
-from operators.curvature import covariance_pass, fit_curvature
-from operators.factors import DampingConfig, Eigen, damping_value, ihvp, merge
+from operators.curvature import covariance_pass, fit_curvature, lambda_pass
+from operators.factors import DampingConfig, Eigen, damping_value, eigendecompose, ihvp, merge
 from operators.units import discover_units
 
 
@@ -66,6 +66,23 @@ def test_sampled_fisher_is_seeded_and_differs_from_empirical():
     key = f"{units[0].name}/s_sum"
     torch.testing.assert_close(a[key], b[key])
     assert not torch.allclose(a[key], c[key])
+
+
+def test_mixed_fisher_takes_the_datas_factors_and_a_sampled_eigenvalue_correction():
+    """``mixed``: the factors (so the eigenbasis) of the data's labels, Λ of sampled ones."""
+    model = tiny_model("gpt2")
+    units = discover_units(model, "linfac")
+    batch = random_batch()
+    mixed = covariance_pass(model, units, [batch], fisher="mixed")
+    data = covariance_pass(model, units, [batch], fisher="empirical")
+    for key in data:
+        torch.testing.assert_close(mixed[key], data[key])
+    eigens = eigendecompose(data, units)
+    lam = {f: lambda_pass(model, units, eigens, [batch], fisher=f, seed=7)
+           for f in ("mixed", "sampled", "empirical")}
+    key = f"{units[0].name}/lambda_sum"
+    torch.testing.assert_close(lam["mixed"][key], lam["sampled"][key])
+    assert not torch.allclose(lam["mixed"][key], lam["empirical"][key])
 
 
 def test_rank_deficient_factors_stay_finite():
