@@ -29,7 +29,7 @@ POSITIVE, NEGATIVE, NEUTRAL, EXCLUDED = "positive", "negative", "neutral", "excl
 class SelectionConfig:
     """``influence.alpha`` ∈ (0, 1] and ``influence.max_fraction`` ∈ (0, 1)."""
 
-    alpha: float = 0.8
+    alpha: float = 0.6
     max_fraction: float = 0.2
 
     def __post_init__(self) -> None:

@@ -67,8 +67,9 @@ class DemoConf:
 class InfluenceConf:
     # linfac | ekfac | kfac | gradsim | repsim
     method: str = "linfac"
-    # The Pareto cut sizing the influence sets, in (0, 1].
-    alpha: float = 0.8
+    # The Pareto cut sizing the influence sets, in (0, 1]. 0.6: chosen with IBO's other
+    # defaults by bench.correction_suite (docs/METHOD.md section 5).
+    alpha: float = 0.6
     max_fraction: float = 0.2
     # Queries averaged into one preconditioned query (1 = single-query mode).
     query_batch_size: int = 1

@@ -38,7 +38,7 @@ def test_every_option_composes_and_validates(choice):
 def test_defaults_are_the_demo():
     typed = compose_typed([])
     assert typed.model.path == "" and typed.influence.method == "linfac"
-    assert typed.influence.alpha == 0.8 and typed.model.trust_remote_code is False
+    assert typed.influence.alpha == 0.6 and typed.model.trust_remote_code is False
     assert typed.ibo.method == "ibo" and typed.judge.patterns
 
 
