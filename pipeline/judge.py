@@ -58,7 +58,7 @@ class Judge:
 
     def __init__(self, config: JudgeConfig) -> None:
         self.config = config
-        self.refusal_regexes = [re.compile(p, re.IGNORECASE) for p in config.refusal_patterns]
+        self.refusal_regexes = compile_patterns(config.refusal_patterns)
         if config.kind == "keyword":
             self.regexes = compile_patterns(config.patterns)  # as the judged query part reads them
         else:
