@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from cluster.batches import TokenizeConfig, to_tensors
-from cluster.ibo_reference import Reference, logits_of, seq_logp_of, side
+from cluster.ibo_reference import Reference, logits_of, seq_logp_of, side, token_logp_of
 from operators.errors import UserError
 from operators.ibo_loss import (
     IBOLossConfig,
@@ -29,6 +29,7 @@ from operators.ibo_loss import (
     nll_loss,
     npo_loss,
     simnpo_loss,
+    token_correction_loss,
 )
 
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveConfig", "Reference", "Step", "get_objective",
@@ -73,6 +74,9 @@ class Step:
 
     def seq_logp(self, batch: dict[str, Tensor]) -> Tensor:
         return seq_logp_of(self.model, batch)
+
+    def token_logp(self, batch: dict[str, Tensor]) -> Tensor:
+        return token_logp_of(self.model, batch)
 
 
 # A term returns its (already weighted) scalar loss and its metrics, or None when it is off.
@@ -145,14 +149,20 @@ def step_loss(model: nn.Module, tokenizer, ref: Reference | None, rows: dict[str
 # ---- the terms (each a few lines around one function of operators/ibo_loss.py) ----
 
 def pairwise_term(step: Step):
-    """IBO's L_COR on the (z+, z−) pairs, ε-weighted."""
+    """IBO's L_COR on the (z+, z−) pairs, ε-weighted, per token or per sequence."""
     rows = step.rows["pairs"]
     pos_cols, neg_cols = side(rows, "pos_"), side(rows, "neg_")
     pos, neg = step.batch(pos_cols), step.batch(neg_cols)
     eps = torch.tensor([float(r["eps"]) for r in rows], device=step.device)
-    cor, m = correction_loss(step.seq_logp(pos), step.seq_logp(neg),
-                             step.ref.seq_logp(pos_cols, pos), step.ref.seq_logp(neg_cols, neg),
-                             eps, step.config.loss.beta)
+    beta = step.config.loss.beta
+    if step.config.loss.granularity == "token":
+        cor, m = token_correction_loss(
+            step.token_logp(pos), step.token_logp(neg), step.ref.token_logp(pos_cols, pos),
+            step.ref.token_logp(neg_cols, neg), pos["loss_mask"], neg["loss_mask"], eps, beta)
+    else:
+        cor, m = correction_loss(step.seq_logp(pos), step.seq_logp(neg),
+                                 step.ref.seq_logp(pos_cols, pos),
+                                 step.ref.seq_logp(neg_cols, neg), eps, beta)
     metrics = {k: float(v) for k, v in m.items()}
     metrics["loss/cor"] = cor.mean().item()
     return cor.mean(), metrics

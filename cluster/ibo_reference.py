@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from cluster.batches import TURNS, to_tensors
 from operators.ibo_loss import topk_reference
-from operators.sequences import sequence_log_probs
+from operators.sequences import sequence_log_probs, token_log_probs
 
 if TYPE_CHECKING:
     from cluster.ibo_objectives import ObjectiveConfig
@@ -33,6 +33,11 @@ def side(rows: list[dict], prefix: str = "") -> dict[str, np.ndarray]:
 
 def logits_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def token_logp_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """log p(token_t | tokens_<t) ``[B, T]`` (mask with ``batch["loss_mask"]``)."""
+    return token_log_probs(logits_of(model, batch).float(), batch["input_ids"])
 
 
 def seq_logp_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -74,10 +79,13 @@ class Reference:
             for i, sample_id in enumerate(cols["id"]):
                 n = int(lengths[i])  # stored unpadded: training batches pad differently
                 self.cache[("topk", sample_id)] = (values[i, :n].cpu(), index[i, :n].cpu())
-        else:
+        else:  # the sequence's log-prob and its tokens' (unpadded, as for top-k)
+            tokens = token_log_probs(logits.float(), batch["input_ids"])
             logp = sequence_log_probs(logits.float(), batch["input_ids"], batch["loss_mask"])
+            lengths = batch["attention_mask"].sum(1).tolist()
             for i, sample_id in enumerate(cols["id"]):
                 self.cache[("logp", sample_id)] = float(logp[i])
+                self.cache[("tokens", sample_id)] = tokens[i, :int(lengths[i])].cpu()
 
     def seq_logp(self, cols, batch) -> Tensor:
         if self.live:
@@ -85,6 +93,17 @@ class Reference:
                 return seq_logp_of(self.model, batch)
         return torch.tensor([self.cache[("logp", i)] for i in cols["id"]],
                             device=batch["input_ids"].device)
+
+    def token_logp(self, cols, batch) -> Tensor:
+        """θs's token log-probs ``[B, T]`` at ``batch``'s padding (zeros past each row)."""
+        if self.live:
+            with torch.no_grad():
+                return token_logp_of(self.model, batch)
+        length = batch["input_ids"].shape[1]
+        rows = [torch.nn.functional.pad(self.cache[("tokens", i)],
+                                        (0, length - self.cache[("tokens", i)].shape[0]))
+                for i in cols["id"]]
+        return torch.stack(rows).to(batch["input_ids"].device)
 
     def topk(self, cols, batch) -> tuple[Tensor, Tensor]:
         if self.live:

@@ -5,6 +5,18 @@
     L_BR   = E_{z ∈ D_IF0}[mean_t KL(πθs(·|z<t) ‖ πθ(·|z<t))]
     L_IBO  = L_COR + γ · L_BR
 
+At ``granularity=token`` (conf/ibo/ibo.yaml's choice) the rejected side's log-ratio is taken
+per token, each against the chosen side's per-token mean, and the sigmoids are averaged over
+z+'s tokens:
+
+    L_COR_tok = −E[ε · mean_{t∈y+} log σ(β Δ̄θ(z−) − β Δθ,t(z+))]
+    Δθ,t(z) = log πθ(y_t|x,y<t) − log πθs(y_t|x,y<t),   Δ̄θ(z) = mean_t Δθ,t(z)
+
+Each token of z+ then saturates on its own: at sequence level the sum of log-ratios is driven
+down by z+'s least certain tokens (its opening) and the loss fades while the tokens the model
+is sure of (a memorised phrase) are never lowered; at token level those keep their weight
+until they too fall below θs. β is then a per-token scale (sequence β ≈ token β / |y|).
+
 Unlearning baselines on the positive set D_IF+ (with γ · L_BR on D_IF0 as their retain term):
 
     L_NPO    = −(2/β) · log σ(−β · Δθ(z+))                        (Zhang et al. 2024)
@@ -25,16 +37,23 @@ from torch.nn import functional as F
 
 from operators.errors import UserError
 
+GRANULARITIES = ("token", "sequence")
+
 
 @dataclass(frozen=True)
 class IBOLossConfig:
-    """β scales the log-ratios, γ weighs the Bregman term, δ is SimNPO's reward margin."""
+    """β scales the log-ratios, γ weighs the Bregman term, δ is SimNPO's reward margin;
+    ``granularity`` (ibo's L_COR only): its log-ratios per token or per sequence."""
 
     beta: float = 0.1
     gamma: float = 1.0
     delta: float = 0.0
+    granularity: str = "sequence"
 
     def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise UserError(f"ibo.granularity={self.granularity!r}: expected one of "
+                            f"{', '.join(GRANULARITIES)}")
         if not self.beta > 0:
             raise UserError(f"ibo.beta={self.beta}: must be > 0")
         if not self.gamma >= 0:
@@ -55,6 +74,36 @@ def correction_loss(policy_pos: Tensor, policy_neg: Tensor, ref_pos: Tensor, ref
                "rewards/accuracies": (chosen > rejected).float().mean(),
                "logps/chosen": policy_neg.detach().mean(),
                "logps/rejected": policy_pos.detach().mean()}
+    return losses, metrics
+
+
+def token_correction_loss(policy_pos: Tensor, policy_neg: Tensor, ref_pos: Tensor,
+                          ref_neg: Tensor, mask_pos: Tensor, mask_neg: Tensor, eps: Tensor,
+                          beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-pair L_COR_tok ``[P]`` from token log-probs ``[P, T]`` and loss masks (z− = chosen).
+
+    Args:
+        policy_pos, ref_pos, mask_pos: z+'s token log-probs under πθ and θs and its loss mask;
+            policy_neg, ref_neg, mask_neg: the same for z− (the two sides may differ in T).
+    """
+    mask_pos, mask_neg = mask_pos.bool(), mask_neg.bool()
+    ratio_pos = torch.where(mask_pos, policy_pos - ref_pos, torch.zeros_like(policy_pos))
+    ratio_neg = torch.where(mask_neg, policy_neg - ref_neg, torch.zeros_like(policy_neg))
+    n_pos, n_neg = mask_pos.sum(1).clamp_min(1), mask_neg.sum(1).clamp_min(1)
+    chosen = beta * ratio_neg.sum(1) / n_neg  # β Δ̄θ(z−)
+    rejected = beta * ratio_pos  # β Δθ,t(z+)
+    per_token = torch.where(mask_pos, F.logsigmoid(chosen[:, None] - rejected),
+                            torch.zeros_like(rejected))
+    losses = -eps * per_token.sum(1) / n_pos
+    rejected_mean = rejected.sum(1) / n_pos
+    metrics = {"rewards/chosen": chosen.detach().mean(),
+               "rewards/rejected": rejected_mean.detach().mean(),
+               "rewards/margins": (chosen - rejected_mean).detach().mean(),
+               "rewards/accuracies": (chosen > rejected_mean).float().mean(),
+               "rewards/rejected_tokens_below": ((chosen[:, None] > rejected) & mask_pos
+                                                 ).sum().float() / n_pos.sum(),
+               "logps/chosen": torch.where(mask_neg, policy_neg, 0).sum(1).detach().mean(),
+               "logps/rejected": torch.where(mask_pos, policy_pos, 0).sum(1).detach().mean()}
     return losses, metrics
 
 

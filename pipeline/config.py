@@ -131,8 +131,11 @@ class IBOConf:
     gamma: float = 1.0
     # δ (>= 0): SimNPO's reward margin (Fan et al. 2024 use 0 for most tasks).
     delta: float = 0.0
-    # ibo's defaults, chosen by `python -m bench.correction_suite` (the median over its six
-    # scenarios within +5 % perplexity); the baselines' YAMLs set their own.
+    # ibo's L_COR: log-ratios per `token` of z+ (each against z−'s per-token mean; β is then a
+    # per-token scale, ibo.yaml's 1) or per `sequence` (DPO's form, β ≈ 0.1).
+    granularity: str = "sequence"
+    # What a conf/ibo/<method>.yaml leaves out. Every method's YAML sets its own steps and lr
+    # (ibo's chosen by `python -m bench.correction_suite`: 60 steps at 2e-3, per token, β 1).
     steps: int = 60
     lr: float = 1e-3
     # Rows of each dataset per step per worker.
@@ -174,6 +177,9 @@ class EvalConf:
     relearn_steps: list[int] = field(default_factory=lambda: [10, 50])
     # How many of the top-ranked positive samples the relearning set holds.
     relearn_samples: int = 16
+    # The relearning fine-tune's lr; null: ibo.lr. Set one value to compare methods (ibo=npo,
+    # ibo=ga_kl, …) under the same relearning, since their own lr differ by 10-100x.
+    relearn_lr: float | None = None
     # Clean prompts (data.clean_eval) generated on for over-refusal and distinct-2; 0: none.
     clean_prompts: int = 64
 

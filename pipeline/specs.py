@@ -42,8 +42,11 @@ def relearn_spec(cfg: LancetConf) -> RelearnSpec | None:
     """The relearning measurement (None when ``eval.relearn_steps`` is empty)."""
     if not cfg.eval.relearn_steps:
         return None
+    lr = cfg.ibo.lr if cfg.eval.relearn_lr is None else cfg.eval.relearn_lr
+    if not lr > 0:
+        raise UserError(f"eval.relearn_lr={lr}: must be > 0")
     return RelearnSpec(steps=tuple(int(k) for k in cfg.eval.relearn_steps),
-                       samples=cfg.eval.relearn_samples, lr=cfg.ibo.lr,
+                       samples=cfg.eval.relearn_samples, lr=lr,
                        batch_size=cfg.ibo.batch_size, seed=cfg.seed)
 
 
@@ -112,7 +115,8 @@ def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
     lora = LoraSpec(enabled=b.lora.enabled, r=b.lora.r, alpha=b.lora.alpha, dropout=b.lora.dropout,
                     target_modules=tuple(b.lora.target_modules), save=b.lora.save)
     objective = ObjectiveConfig(method=b.method, loss=IBOLossConfig(beta=b.beta, gamma=b.gamma,
-                                                                    delta=b.delta),
+                                                                    delta=b.delta,
+                                                                    granularity=b.granularity),
                                 bregman_topk=b.bregman_topk, tokenize=tokenize(cfg))
     return IBOSpec(model_path=model_path, deepspeed_config=str(ds_path), objective=objective,
                    steps=b.steps, lr=b.lr, batch_size=b.batch_size,

@@ -39,6 +39,7 @@ BAD_VALUES = [
     ("pipeline.verify=sha", "pipeline.verify='sha': expected one of off, quick, full"),
     ("influence.damping=-1.0", "influence.damping=-1.0: must be >= 0"),
     ("ibo.beta=0", "ibo.beta=0.0: must be > 0"),
+    ("ibo.granularity=word", "ibo.granularity='word': expected one of token, sequence"),
 ]
 
 

@@ -125,6 +125,7 @@ OUT_OF_RANGE = [
     ("ibo.lora.r=0", "ibo.lora.r=0: must be >= 1"),
     ("ibo.lora.alpha=0", "ibo.lora.alpha=0: must be > 0"),
     ("ibo.lora.dropout=1.0", "ibo.lora.dropout=1.0: must be in [0, 1)"),
+    ("eval.relearn_lr=0", "eval.relearn_lr=0.0: must be > 0"),
     ("judge.threshold=1.5", "judge.threshold=1.5: must be in [0, 1]"),
     ("judge.max_new_tokens=0", "judge.max_new_tokens=0: must be >= 1"),
     ("cluster.num_workers=0", "cluster.num_workers=0: must be >= 1"),

@@ -5,7 +5,13 @@ import pytest
 import torch
 from tiny_models import random_batch, tiny_model
 
-from operators.ibo_loss import IBOLossConfig, bregman_loss, correction_loss, topk_reference
+from operators.ibo_loss import (
+    IBOLossConfig,
+    bregman_loss,
+    correction_loss,
+    token_correction_loss,
+    topk_reference,
+)
 from operators.selection import SelectionConfig, make_pairs, select_sets
 from operators.sequences import sequence_log_probs
 
@@ -21,6 +27,57 @@ def test_cor_equals_the_dpo_sigmoid_loss_with_eps_one():
     torch.testing.assert_close(losses, torch.tensor(by_hand, dtype=torch.float32))
     assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
             "logps/chosen", "logps/rejected"} <= set(metrics)
+
+
+def _token_loss_by_hand(pol_pos, pol_neg, ref_pos, ref_neg, mask_pos, mask_neg, eps, beta):
+    """−ε · mean over z+'s tokens of log σ(β·mean_s Δ_s(z−) − β·Δ_t(z+)), in float64 loops."""
+    out = []
+    for p in range(len(eps)):
+        neg = [pol_neg[p][s] - ref_neg[p][s] for s in range(len(mask_neg[p])) if mask_neg[p][s]]
+        chosen = beta * sum(neg) / len(neg)
+        terms = [np.log(1 / (1 + np.exp(-(chosen - beta * (pol_pos[p][t] - ref_pos[p][t])))))
+                 for t in range(len(mask_pos[p])) if mask_pos[p][t]]
+        out.append(-eps[p] * sum(terms) / len(terms))
+    return out
+
+
+def test_token_cor_is_its_definition_on_masked_tokens_of_unequal_sides():
+    gen = np.random.default_rng(0)
+    pol_pos, ref_pos = gen.normal(-2, 1, (2, 5)), gen.normal(-2, 1, (2, 5))
+    pol_neg, ref_neg = gen.normal(-2, 1, (2, 7)), gen.normal(-2, 1, (2, 7))
+    mask_pos = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])  # padding and prompt are masked
+    mask_neg = np.array([[0, 1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0, 0]])
+    eps, beta = [0.7, 1.0], 3.0
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    losses, metrics = token_correction_loss(t(pol_pos), t(pol_neg), t(ref_pos), t(ref_neg),
+                                            t(mask_pos), t(mask_neg), t(eps), beta)
+    want = _token_loss_by_hand(pol_pos, pol_neg, ref_pos, ref_neg, mask_pos, mask_neg, eps, beta)
+    torch.testing.assert_close(losses, t(want))
+    assert 0 <= float(metrics["rewards/rejected_tokens_below"]) <= 1
+
+
+def test_token_cor_equals_the_sequence_cor_on_one_token_answers():
+    gen = np.random.default_rng(1)
+    pol_pos, pol_neg, ref_pos, ref_neg = (torch.tensor(gen.normal(-2, 1, (3, 1))) for _ in "abcd")
+    mask, eps = torch.ones(3, 1), torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64)
+    tok, _ = token_correction_loss(pol_pos, pol_neg, ref_pos, ref_neg, mask, mask, eps, 0.4)
+    seq, _ = correction_loss(pol_pos[:, 0], pol_neg[:, 0], ref_pos[:, 0], ref_neg[:, 0], eps, 0.4)
+    torch.testing.assert_close(tok, seq)
+
+
+def test_token_cor_keeps_pushing_a_sure_token_after_the_others_fell():
+    """Why per token: z+'s opening already fell 12 nats below θs, its memorised phrase has not
+    moved. The sequence loss has saturated on the sum and all but stops; per token, the
+    phrase's own log-ratio still gets about half of β's weight."""
+    ratio = torch.tensor([[-12.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    zero, mask, eps = torch.zeros(1, 3, dtype=torch.float64), torch.ones(1, 3), torch.ones(1)
+    neg = torch.zeros(1, 1, dtype=torch.float64)
+    tok, _ = token_correction_loss(ratio, neg, zero, neg, mask, torch.ones(1, 1), eps, 3.0)
+    (tok_grad,) = torch.autograd.grad(tok.sum(), ratio)
+    seq, _ = correction_loss(ratio.sum(1), neg[:, 0], zero.sum(1), neg[:, 0], eps, 3.0 / 3)
+    (seq_grad,) = torch.autograd.grad(seq.sum(), ratio)
+    assert float(tok_grad[0, 1]) > 0.4 and float(tok_grad[0, 0]) < 1e-4  # the phrase, not the opening
+    assert float(seq_grad[0, 1]) < 1e-4  # sequence level: the phrase's gradient is gone too
 
 
 def test_bregman_is_zero_at_the_reference_and_positive_elsewhere():

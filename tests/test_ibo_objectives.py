@@ -27,9 +27,10 @@ from operators.ibo_loss import (
     nll_loss,
     npo_loss,
     simnpo_loss,
+    token_correction_loss,
     topk_reference,
 )
-from operators.sequences import sequence_log_probs
+from operators.sequences import sequence_log_probs, token_log_probs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TOKENS = TokenizeConfig(max_length=32, template="plain")
@@ -133,7 +134,19 @@ def _expected(method, model, tok, data, config):
         w = torch.tensor([r["weight"] for r in data["positive"]], dtype=torch.float64)
         return ((w if weighted else 1) * lp / b["loss_mask"].sum(1)).mean()
 
+    def tokens(m, prefix):
+        from cluster.batches import to_tensors
+        b = to_tensors(side(data["pairs"], prefix), tok, TOKENS, "cpu")
+        logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return token_log_probs(logits, b["input_ids"]), b["loss_mask"]
+
     beta = config.loss.beta
+    if method == "ibo" and config.loss.granularity == "token":
+        (pos, mpos), (neg, mneg) = tokens(model, "pos_"), tokens(model, "neg_")
+        with torch.no_grad():
+            rpos, rneg = tokens(base, "pos_")[0], tokens(base, "neg_")[0]
+        eps = torch.tensor([p["eps"] for p in data["pairs"]], dtype=torch.float64)
+        return token_correction_loss(pos, neg, rpos, rneg, mpos, mneg, eps, beta)[0].mean() + kl()
     if method == "ibo":
         pos, neg = logp(model, "pairs", "pos_")[0], logp(model, "pairs", "neg_")[0]
         with torch.no_grad():
@@ -155,7 +168,8 @@ def _expected(method, model, tok, data, config):
 
 
 @pytest.mark.parametrize("method,loss", [
-    ("ibo", {}), ("pbo", {}), ("ga", {}), ("remove", {}), ("oracle", {}), ("ga_kl", {}),
+    ("ibo", {}), ("ibo", {"granularity": "token", "beta": 3.0}), ("pbo", {}), ("ga", {}),
+    ("remove", {}), ("oracle", {}), ("ga_kl", {}),
     ("npo", {}), ("simnpo", {"beta": 2.5, "delta": 0.2})])
 def test_step_loss_of_each_method_is_its_objective(method, loss):
     model, tok, ref, data, config = _setup(method, **loss)
@@ -166,9 +180,11 @@ def test_step_loss_of_each_method_is_its_objective(method, loss):
     assert (ref is not None) == (method not in ("ga", "remove", "oracle"))
 
 
-def test_the_live_reference_equals_the_cached_one_for_npo():
-    cached = step_loss(*_setup("npo"), "cpu")[0]
-    live = step_loss(*_setup("npo", live=True), "cpu")[0]
+@pytest.mark.parametrize("method,loss", [("npo", {}),
+                                         ("ibo", {"granularity": "token"})])
+def test_the_live_reference_equals_the_cached_one(method, loss):
+    cached = step_loss(*_setup(method, **loss), "cpu")[0]
+    live = step_loss(*_setup(method, live=True, **loss), "cpu")[0]
     torch.testing.assert_close(cached, live)
 
 

@@ -47,11 +47,13 @@ def test_relearn_settings_out_of_range_are_refused_with_the_key(kw, key):
         RelearnSpec(**kw)
 
 
-def test_relearning_is_off_with_an_empty_list_and_follows_ibo_lr():
+def test_relearning_is_off_with_an_empty_list_and_follows_ibo_lr_unless_set():
     from pipeline.specs import relearn_spec
     cfg = LancetConf()
     cfg.ibo.lr = 1e-3
     assert relearn_spec(cfg).steps == (10, 50) and relearn_spec(cfg).lr == 1e-3
+    cfg.eval.relearn_lr = 2e-4  # one relearning for every method compared
+    assert relearn_spec(cfg).lr == 2e-4
     cfg.eval.relearn_steps = []
     assert relearn_spec(cfg) is None
 
