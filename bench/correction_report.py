@@ -6,6 +6,7 @@ from bench.correction_suite import (
     METHODS,
     PPL_BUDGET,
     REFUSAL_BUDGET,
+    RELEARN_LR,
     best_within_budget,
     rate,
     within_budget,
@@ -82,11 +83,15 @@ def render(cases: dict, results: dict, chosen: dict, relearned: dict, minutes: f
         "clean: 60 benign prompts (refusals by `judge.refusal_patterns`, distinct-2, "
         "perplexity of their reference answers). Rates are the judge's, greedy decoding.", "",
         "Each method's defaults are chosen alike from its sweep (lr × steps grid, then α, β, γ "
-        "one at a time): the lowest median relative undesirable rate over the scenarios "
-        f"among settings whose median perplexity is within ×{PPL_BUDGET} and median clean "
-        f"refusals within +{REFUSAL_BUDGET:.2f}. *Best in budget*: the method's lowest "
+        "one at a time; IBO's grid once per token and once per sequence): the lowest median "
+        "relative undesirable rate over the scenarios among settings whose median perplexity "
+        f"is within ×{PPL_BUDGET} and median clean refusals within +{REFUSAL_BUDGET:.2f}, "
+        "ties to the lower mean relative rate, then the lower median perplexity. "
+        "*Best in budget*: the method's lowest "
         "undesirable rate (mean of seen and unseen) on that scenario among its runs within "
-        "the same budget, tuned per scenario. Plots: bench/plots/correction-<scenario>.png.", "",
+        "the same budget, tuned per scenario. *Relearn k*: the seen rate after k steps of NLL "
+        f"on the top 16 positive samples, at lr {RELEARN_LR:g} for every method. "
+        "Plots: bench/plots/correction-<scenario>.png.", "",
         table([{"method": m, "chosen defaults": chosen[m].label()} for m in METHODS]), "",
         "### Every method at its chosen defaults", "",
         table(per_method_rows(cases, results, chosen, relearned)), "",

@@ -53,11 +53,18 @@ SCENARIOS = ("harm-10", "rude-5", "outdated-10", "caps-5", "catchphrase-10-conv"
              "harm-5-long-under")
 METHODS = ("ibo", "npo", "simnpo", "ga_kl")
 CONTEXT, NEW_TOKENS = 64, 24
+# Relearning fine-tunes every method's corrected model at one lr (their own lr differ by 60x).
+RELEARN_LR = 1e-3
 PPL_BUDGET, REFUSAL_BUDGET = 1.05, 0.05  # ≤ +5 % perplexity, ≤ +5 points of clean refusals
 # Each method: a grid over lr × steps, then one knob at a time around its YAML defaults.
 # The lr grid reaches down to 5e-5: gradient-ascent methods need small steps not to collapse.
-GRID = {"lr": (5e-5, 1e-4, 2e-4, 5e-4, 1e-3), "steps": (15, 30, 60)}
-ONE_AT_A_TIME = {"ibo": {"alpha": (0.6, 0.95), "beta": (0.05, 0.5), "gamma": (0.3, 3.0)},
+GRID = {"lr": (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 3e-3), "steps": (15, 30, 60)}
+# ibo's β is per token at granularity=token: the lr × steps grid runs at β 1 and 3 per token
+# and at its sequence-level form (β 0.1, the previous defaults), whatever the YAML sets.
+ALTERNATIVES = {"ibo": ({"granularity": "token", "beta": 1.0},
+                        {"granularity": "token", "beta": 3.0},
+                        {"granularity": "sequence", "beta": 0.1})}
+ONE_AT_A_TIME = {"ibo": {"alpha": (0.6, 0.95), "beta": (0.3, 10.0), "gamma": (0.3, 3.0)},
                  "npo": {"alpha": (0.6, 0.95), "beta": (0.05, 0.5), "gamma": (0.3, 3.0)},
                  "simnpo": {"alpha": (0.6, 0.95), "beta": (1.0, 5.0), "gamma": (0.3, 3.0)},
                  "ga_kl": {"alpha": (0.6, 0.95), "gamma": (0.3, 3.0)}}
@@ -79,9 +86,11 @@ class Knobs:
     delta: float = 0.0
     alpha: float = 0.8
     batch_size: int = 8
+    granularity: str = "sequence"
 
     def label(self) -> str:
-        return (f"{self.method} lr={self.lr:g} steps={self.steps} β={self.beta:g} "
+        form = f" per-{self.granularity}" if self.method == "ibo" else ""
+        return (f"{self.method}{form} lr={self.lr:g} steps={self.steps} β={self.beta:g} "
                 f"γ={self.gamma:g} α={self.alpha:g}")
 
 
@@ -91,14 +100,15 @@ def yaml_defaults(method: str) -> Knobs:
     alpha = yaml.safe_load((PROJECT / "conf" / "influence" / "linfac.yaml").read_text())["alpha"]
     return Knobs(method, float(conf["lr"]), int(conf["steps"]), float(conf.get("beta", 0.1)),
                  float(conf.get("gamma", 1.0)), float(conf.get("delta", 0.0)), float(alpha),
-                 int(conf["batch_size"]))
+                 int(conf["batch_size"]), str(conf.get("granularity", "sequence")))
 
 
 def sweep(method: str) -> list[Knobs]:
     """The grid over lr × steps, then each other knob varied alone, defaults first."""
     base = yaml_defaults(method)
-    runs = [replace(base, lr=lr, steps=steps) for lr, steps in
-            itertools.product(GRID["lr"], GRID["steps"])]
+    forms = ({},) + ALTERNATIVES.get(method, ())
+    runs = [replace(base, lr=lr, steps=steps, **form) for form in forms
+            for lr, steps in itertools.product(GRID["lr"], GRID["steps"])]
     runs += [replace(base, **{knob: value}) for knob, values in ONE_AT_A_TIME[method].items()
              for value in values]
     return [base] + [k for k in dict.fromkeys(runs) if k != base]
@@ -152,7 +162,7 @@ def selected_rows(case: Case, alpha: float, method: str) -> tuple[dict[str, list
 
 
 def spec_of(case: Case, k: Knobs) -> IBOSpec:
-    loss = IBOLossConfig(beta=k.beta, gamma=k.gamma, delta=k.delta)
+    loss = IBOLossConfig(beta=k.beta, gamma=k.gamma, delta=k.delta, granularity=k.granularity)
     objective = ObjectiveConfig(method=k.method, loss=loss,
                                 tokenize=TokenizeConfig(max_length=CONTEXT))
     return IBOSpec(model_path=str(case.model_dir), objective=objective, steps=k.steps, lr=k.lr,
@@ -185,10 +195,11 @@ def run(case: Case, k: Knobs, relearn_too: bool = False) -> dict:
 
 
 def relearning(case: Case, k: Knobs, model, tok) -> dict:
-    """Undesirable rate (seen prompts) after k = 10 and 50 steps of NLL on the top positives."""
+    """Undesirable rate (seen prompts) after k = 10 and 50 steps of NLL on the top positives,
+    at RELEARN_LR for every method."""
     positive, _ = selected_rows(case, k.alpha, "npo")
     seen = [p for p in case.prompts if p["split"] == "seen"]
-    spec = RelearnSpec(steps=(10, 50), samples=16, lr=k.lr, batch_size=k.batch_size)
+    spec = RelearnSpec(steps=(10, 50), samples=16, lr=RELEARN_LR, batch_size=k.batch_size)
     eval_spec = EvalSpec(tokenizer_path=str(case.model_dir), max_new_tokens=NEW_TOKENS,
                          tokenize=TokenizeConfig(max_length=CONTEXT))
     texts = relearn(model, tok, positive["positive"], seen, spec, eval_spec)
@@ -212,7 +223,8 @@ def relative(r: dict, before: dict) -> float:
 def choose(method: str, results: dict[str, list[dict]], befores: dict[str, dict]) -> Knobs:
     """The method's defaults from its runs on every scenario: among the settings whose median
     perplexity and clean-refusal increases are within budget, the lowest median relative
-    undesirable rate (ties: the lower median perplexity)."""
+    undesirable rate; ties (many settings reach a median of 0 once most scenarios are fully
+    corrected) go to the lower mean relative rate, then to the lower median perplexity."""
     by_knobs: dict[Knobs, list[tuple[dict, dict]]] = {}
     for name, runs in results.items():
         for r in runs:
@@ -220,14 +232,15 @@ def choose(method: str, results: dict[str, list[dict]], befores: dict[str, dict]
                 by_knobs.setdefault(r["knobs"], []).append((r, befores[name]))
 
     def medians(pairs):
-        return (statistics.median(relative(r, b) for r, b in pairs),
+        rel = [relative(r, b) for r, b in pairs]
+        return (statistics.median(rel), statistics.mean(rel),
                 statistics.median(r["ppl"] / b["ppl"] for r, b in pairs),
                 statistics.median(r["overrefusal"] - b["overrefusal"] for r, b in pairs))
 
     full = {k: medians(p) for k, p in by_knobs.items() if len(p) == len(results)}
-    feasible = {k: m for k, m in full.items() if m[1] <= PPL_BUDGET and m[2] <= REFUSAL_BUDGET}
+    feasible = {k: m for k, m in full.items() if m[2] <= PPL_BUDGET and m[3] <= REFUSAL_BUDGET}
     pool = feasible or full
-    return min(pool, key=lambda k: (pool[k][0], pool[k][1]))
+    return min(pool, key=lambda k: pool[k][:3])
 
 
 def best_within_budget(runs: list[dict], method: str, before: dict) -> dict | None:
