@@ -79,9 +79,9 @@ class Reference:
             for i, sample_id in enumerate(cols["id"]):
                 n = int(lengths[i])  # stored unpadded: training batches pad differently
                 self.cache[("topk", sample_id)] = (values[i, :n].cpu(), index[i, :n].cpu())
-        else:  # the sequence's log-prob and its tokens' (unpadded, as for top-k)
+        else:  # the tokens' log-probs (unpadded, as for top-k) and their masked sum
             tokens = token_log_probs(logits.float(), batch["input_ids"])
-            logp = sequence_log_probs(logits.float(), batch["input_ids"], batch["loss_mask"])
+            logp = torch.where(batch["loss_mask"].bool(), tokens, torch.zeros_like(tokens)).sum(1)
             lengths = batch["attention_mask"].sum(1).tolist()
             for i, sample_id in enumerate(cols["id"]):
                 self.cache[("logp", sample_id)] = float(logp[i])
@@ -100,9 +100,7 @@ class Reference:
             with torch.no_grad():
                 return token_logp_of(self.model, batch)
         length = batch["input_ids"].shape[1]
-        rows = [torch.nn.functional.pad(self.cache[("tokens", i)],
-                                        (0, length - self.cache[("tokens", i)].shape[0]))
-                for i in cols["id"]]
+        rows = [_pad_rows(self.cache[("tokens", i)], length) for i in cols["id"]]
         return torch.stack(rows).to(batch["input_ids"].device)
 
     def topk(self, cols, batch) -> tuple[Tensor, Tensor]:
@@ -111,10 +109,11 @@ class Reference:
                 return topk_reference(logits_of(self.model, batch), self.config.bregman_topk)
         length = batch["input_ids"].shape[1]
         device = batch["input_ids"].device
-
-        def padded(t: Tensor) -> Tensor:  # padding positions are masked out of the KL
-            return torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[0]))
-
-        values = [padded(self.cache[("topk", i)][0]) for i in cols["id"]]
-        index = [padded(self.cache[("topk", i)][1]) for i in cols["id"]]
+        values = [_pad_rows(self.cache[("topk", i)][0], length) for i in cols["id"]]
+        index = [_pad_rows(self.cache[("topk", i)][1], length) for i in cols["id"]]
         return torch.stack(values).to(device), torch.stack(index).to(device)
+
+
+def _pad_rows(t: Tensor, length: int) -> Tensor:
+    """A cached unpadded row ``[n, …]`` zero-padded to ``length`` positions (masked out later)."""
+    return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, length - t.shape[0]))

@@ -43,7 +43,7 @@ def relearn_spec(cfg: LancetConf) -> RelearnSpec | None:
     if not cfg.eval.relearn_steps:
         return None
     lr = cfg.ibo.lr if cfg.eval.relearn_lr is None else cfg.eval.relearn_lr
-    if not lr > 0:
+    if cfg.eval.relearn_lr is not None and not lr > 0:  # ibo.lr is checked by its own spec
         raise UserError(f"eval.relearn_lr={lr}: must be > 0")
     return RelearnSpec(steps=tuple(int(k) for k in cfg.eval.relearn_steps),
                        samples=cfg.eval.relearn_samples, lr=lr,
