@@ -1,15 +1,23 @@
 """The influence sets and the IBO pairs (LANCET.md section 4).
 
 D_IF+ is the shortest prefix of the positive scores, sorted descending, that holds a fraction α
-of the total positive mass; D_IF− the same on |inhibition| of the samples outside D_IF+ whose
-inhibition is negative; both capped at ``max_fraction`` of the corpus. The rest is D_IF0
-(non-finite scores are ``excluded``).
+of the total positive mass; D_IF− the same on |inhibition| of the samples that are not drivers
+(outside D_IF+, with a score no higher than the corpus's median score, or 0 if that is higher)
+and whose inhibition is negative; both capped at ``max_fraction`` of the corpus. The rest is
+D_IF0 (non-finite scores are ``excluded``).
 
 The inhibition (``operators.scores.inhibition``) is the score itself under ``aggregate=mean``
 and the most negative query column under ``max``: the max-score of a sample is negative only
 if it lowers *every* observed output, and with several queries per output (query parts) almost
 no sample does, so D_IF− was empty and IBO had no pairs (docs/METHOD.md section 4). Without an
 inhibition (None) D_IF− is built on the negative scores, as before.
+
+A sample that lowers one observed output can drive another: with the behaviour planted in two
+wordings, the rows of one wording compete with the outputs of the other (they answer the same
+prompts differently) while teaching the behaviour itself. Outside D_IF+ such a row used to
+qualify for D_IF− on its inhibition alone, and IBO then raised it (9 of the 30 planted rows of
+the catchphrase-10-conv benchmark scenario were in D_IF−). So a row whose score is above the
+typical row's (the median) is not an inhibitor, whatever it lowers (docs/METHOD.md section 4).
 """
 
 from __future__ import annotations
@@ -58,14 +66,25 @@ def select_sets(scores: np.ndarray, config: SelectionConfig,
     finite = np.isfinite(scores) & np.isfinite(against)
     sets[~finite] = EXCLUDED
     cap = max(1, math.floor(config.max_fraction * scores.size))
+    drivers = ~finite | (scores > _typical(scores[finite]))
     for values, label in ((scores, POSITIVE), (-against, NEGATIVE)):
-        idx = np.nonzero(finite & (values > 0) & (sets == NEUTRAL))[0]
+        eligible = finite & (values > 0) & (sets == NEUTRAL)
+        if label == NEGATIVE:
+            eligible &= ~drivers
+        idx = np.nonzero(eligible)[0]
         chosen = idx[_pareto_prefix(values[idx], config.alpha, cap)]
         sets[chosen] = label
     if not (sets == NEUTRAL).any():
         raise UserError("no neutral samples remain for the Bregman term: lower "
                          "influence.max_fraction or influence.alpha")
     return sets
+
+
+def _typical(scores: np.ndarray) -> float:
+    """The score above which a sample drives an observed output more than the typical sample
+    does: the median, or 0 where the median is negative (then every negative score qualifies,
+    as under ``aggregate=mean``)."""
+    return max(float(np.median(scores)), 0.0) if scores.size else 0.0
 
 
 def make_pairs(scores: np.ndarray, sets: np.ndarray, seed: int = 0,

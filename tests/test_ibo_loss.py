@@ -140,7 +140,7 @@ def test_under_max_the_negative_set_comes_from_the_most_negative_column_outside_
     the inhibition (the most negative scaled column) finds the samples that lower some."""
     from operators.scores import aggregate, inhibition
     raw = torch.tensor([[5.0, -4.0], [3.0, 1.0], [0.2, -3.0], [0.1, -1.0], [0.1, 0.1]]
-                       + [[0.0, 0.0]] * 15, dtype=torch.float64)
+                       + [[0.3, 0.3]] * 15, dtype=torch.float64)
     score, against = aggregate(raw, "max").numpy(), inhibition(raw, "max").numpy()
     assert not (score < 0).any()  # no sample lowers both queries: no negatives by the score
     sets = select_sets(score, SelectionConfig(alpha=0.8, max_fraction=0.2), against)
@@ -149,6 +149,24 @@ def test_under_max_the_negative_set_comes_from_the_most_negative_column_outside_
     pairs = make_pairs(score, sets, inhibition=against)
     assert pairs and all(0 < eps <= 1 for _, _, eps in pairs)
     np.testing.assert_array_equal(inhibition(raw, "mean").numpy(), aggregate(raw, "mean").numpy())
+
+
+def test_a_sample_that_drives_one_output_is_never_an_inhibitor_of_another():
+    """A planted row of one wording competes with the outputs of the other wording (it lowers
+    them) while driving the behaviour: outside D_IF+ (the cap is full) it must stay neutral,
+    not be raised by IBO as an inhibitor; a row below the typical score that lowers an output
+    is one."""
+    from operators.scores import aggregate, inhibition
+    raw = torch.tensor([[6.0, -1.0], [4.0, -6.0], [0.1, -2.0]] + [[0.5, 0.4]] * 17,
+                       dtype=torch.float64)
+    score, against = aggregate(raw, "max").numpy(), inhibition(raw, "max").numpy()
+    sets = select_sets(score, SelectionConfig(alpha=1.0, max_fraction=0.05), against)
+    assert sets[0] == "positive" and (sets == "positive").sum() == 1  # the cap: 1 of 20
+    assert sets[1] == "neutral"  # lowers output 2 the most, but drives output 1
+    assert sets[2] == "negative"
+    # under mean the inhibition is the score: every negative score is still eligible
+    mean = aggregate(raw, "mean").numpy()
+    assert select_sets(mean - 1.0, SelectionConfig(alpha=1.0), mean - 1.0)[2] == "negative"
 
 
 @pytest.mark.parametrize("alpha", [0.0, -0.1, 1.5])
