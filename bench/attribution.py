@@ -121,7 +121,7 @@ def block_shares(model, tok, corpus, queries, top_k: int,
     units = units_for(model, config)
     data = batches(tok, corpus.train)
     curvature = fit_curvature(model, units, data, corrected=True, fisher=config.fisher,
-                              damping=config.damping)
+                              damping=config.damping, logodds_cap=config.logodds_cap)
     features = precondition_queries(model, units, batches(tok, queries), config, curvature)
     per_unit = torch.cat([unit_scores(model, units, b, features, config) for b in data])
     raw = per_unit.sum(-1)

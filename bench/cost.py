@@ -47,7 +47,8 @@ def measure(method: str, model, train: list, queries: list) -> dict:
     config = InfluenceConfig(method=method)
     units = units_for(model, config)
     began = time.perf_counter()
-    curvature = fit_curvature(model, units, train, corrected=config.kind.eigen_correction)
+    curvature = fit_curvature(model, units, train, corrected=config.kind.eigen_correction,
+                              logodds_cap=config.logodds_cap)
     fitted = time.perf_counter()
     features = precondition_queries(model, units, queries, config, curvature)
     for batch in train:

@@ -41,6 +41,8 @@ VARIANTS = {
     "ekfac, fisher=mixed": InfluenceConfig(method="ekfac", fisher="mixed"),
     "ekfac, fisher=sampled": InfluenceConfig(method="ekfac", fisher="sampled"),
     "ekfac, fisher=empirical": InfluenceConfig(method="ekfac", fisher="empirical"),
+    "linfac, logodds_cap=10": InfluenceConfig(logodds_cap=10.0),
+    "ekfac, logodds_cap=10": InfluenceConfig(method="ekfac", logodds_cap=10.0),
     "linfac, damping=0.01": InfluenceConfig(damping=DampingConfig(relative=0.01)),
     "linfac, damping=1": InfluenceConfig(damping=DampingConfig(relative=1.0)),
     "linfac, similarity=cosine": InfluenceConfig(similarity="cosine"),

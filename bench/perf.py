@@ -57,7 +57,7 @@ def timed(fn, repeat=3):
 def scoring_vs_training(model, tok, rows, queries) -> dict:
     data = batches(tok, rows, size=16)
     units = discover_units(model, "linfac")
-    curv = fit_curvature(model, units, data[:4])
+    curv = fit_curvature(model, units, data[:4], logodds_cap=InfluenceConfig().logodds_cap)
     one = precondition_queries(model, units, batches(tok, queries[:1]), InfluenceConfig(), curv)
     many = precondition_queries(model, units, batches(tok, (queries * 32)[:32]),
                                 InfluenceConfig(query_batch_size=32), curv)

@@ -66,7 +66,8 @@ def score(model, tok, train_rows, queries, config: InfluenceConfig, train_on_pro
     data = batches(tok, train_rows, train_on_prompt=train_on_prompt)
     began = time.perf_counter()
     curv = (fit_curvature(model, units, data, corrected=config.kind.eigen_correction,
-                          fisher=config.fisher, damping=config.damping, seed=seed)
+                          fisher=config.fisher, damping=config.damping, seed=seed,
+                          logodds_cap=config.logodds_cap)
             if config.uses_curvature else None)
     fitted = time.perf_counter()
     order = grouping_order(model, units, batches(tok, queries), config)  # as cluster.scoring

@@ -38,6 +38,9 @@ def log(msg: str) -> None:
 # LinFAC's options, each changed alone from the product's default InfluenceConfig():
 # label -> (InfluenceConfig overrides, recall.score keyword arguments).
 OPTIONS = {
+    "logodds_cap=3": ({"logodds_cap": 3.0}, {}),
+    "logodds_cap=10": ({"logodds_cap": 10.0}, {}),
+    "logodds_cap=30": ({"logodds_cap": 30.0}, {}),
     "fisher=mixed, seed 1": ({"fisher": "mixed"}, {"seed": 1}),
     "fisher=sampled": ({"fisher": "sampled"}, {}),
     "fisher=sampled, seed 1": ({"fisher": "sampled"}, {"seed": 1}),

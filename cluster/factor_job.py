@@ -27,6 +27,7 @@ from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads, remove_run_storage, storage_uri
 from operators.curvature import (
     DEFAULT_FISHER,
+    DEFAULT_LOGODDS_CAP,
     NONFINITE,
     Curvature,
     covariance_pass,
@@ -46,6 +47,7 @@ class FactorSpec:
     model_path: str
     method: str = "linfac"  # linfac | ekfac | kfac
     fisher: str = DEFAULT_FISHER
+    logodds_cap: float = DEFAULT_LOGODDS_CAP  # of every gradient (influence.logodds_cap)
     dtype: str = "float32"
     damping: DampingConfig = field(default_factory=DampingConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
@@ -132,7 +134,7 @@ def factor_worker(config: dict) -> None:
     progress = config.get("progress")
     dtype = stat_dtype(DTYPES[spec.dtype])
     batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter, progress)
-    stats = (covariance_pass(model, units, batches, spec.fisher)
+    stats = (covariance_pass(model, units, batches, spec.fisher, logodds_cap=spec.logodds_cap)
              or zero_stats(units, "covariance", dtype, device))
     stats = allreduce_sum(stats, device)
     eigens = eigendecompose_shared(stats, units, device)
@@ -141,7 +143,8 @@ def factor_worker(config: dict) -> None:
     if spec.corrected:
         batches = _shard_batches(shard, tokenizer, spec, cluster.batch_size, device, counter,
                                  progress)
-        lam = (lambda_pass(model, units, eigens, batches, spec.fisher)
+        lam = (lambda_pass(model, units, eigens, batches, spec.fisher,
+                           logodds_cap=spec.logodds_cap)
                or zero_stats(units, "lambda", dtype, device))
         lam = allreduce_sum(lam, device)
     curvature = Curvature.build(eigens, lam, spec.corrected, spec.damping)

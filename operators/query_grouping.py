@@ -40,11 +40,11 @@ def _omega(n: int, k: int, seed: int, dtype: torch.dtype, device) -> Tensor:
 
 
 def query_sketches(model: nn.Module, units: list[Unit], batches: Iterable[dict[str, Tensor]],
-                   k: int = SKETCH_DIM, seed: int = 0) -> Tensor:
+                   k: int = SKETCH_DIM, seed: int = 0, logodds_cap: float = 1.0) -> Tensor:
     """One row per query: its unit gradients' sketches, concatenated ``[Q, U·k²]`` (float64)."""
     rows, omegas = [], {}
     for batch in batches:
-        cap = capture_pass(model, units, batch, sampled=False)
+        cap = capture_pass(model, units, batch, sampled=False, logodds_cap=logodds_cap)
         mask = batch["attention_mask"]
         parts = []
         for index, unit in enumerate(units):

@@ -28,7 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from operators.capture import eval_mode, unit_gradient
-from operators.curvature import DEFAULT_FISHER, FISHER_KINDS, Curvature, capture_pass
+from operators.curvature import (
+    DEFAULT_FISHER,
+    DEFAULT_LOGODDS_CAP,
+    FISHER_KINDS,
+    Curvature,
+    capture_pass,
+    check_logodds_cap,
+)
 from operators.errors import UserError
 from operators.factors import DampingConfig
 from operators.lowrank import compress, formed_scores, lowrank_scores, token_path_is_cheaper
@@ -56,6 +63,8 @@ class InfluenceConfig:
     aggregate: str = "max"
     similarity: str = "dot"  # cosine: both sides unit-normalised (not repsim: always cosine)
     fisher: str = DEFAULT_FISHER  # the curvature's labels: mixed | sampled | empirical
+    # every gradient is of −log softmax(z / T): factors, queries and training rows alike
+    logodds_cap: float = DEFAULT_LOGODDS_CAP
     damping: DampingConfig = field(default_factory=DampingConfig)
     module_filter: str = ""  # ekfac/kfac/gradsim: only linear modules whose name contains it
     query_rank: int | None = None  # keep each preconditioned query as rank-r factors (None: full)
@@ -71,6 +80,7 @@ class InfluenceConfig:
         _check("influence.query_grouping", self.query_grouping, GROUPINGS)
         _check("influence.similarity", self.similarity, SIMILARITIES)
         _check("influence.fisher", self.fisher, FISHER_KINDS)
+        object.__setattr__(self, "logodds_cap", check_logodds_cap(self.logodds_cap))
         object.__setattr__(self, "query_parts", check_parts(self.query_parts, self.opening_tokens))
         if int(self.query_batch_size) < 1:
             raise UserError(f"influence.query_batch_size={self.query_batch_size}: must be >= 1")
@@ -126,7 +136,7 @@ def row_features(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
     if config.kind.units is None:
         yield "repr", last_prompt_hidden(model, batch).double()
         return
-    cap = capture_pass(model, units, batch, sampled=False)
+    cap = capture_pass(model, units, batch, sampled=False, logodds_cap=config.logodds_cap)
     for unit in units:
         yield unit.name, unit_gradient(cap, unit, batch["attention_mask"])
 
@@ -225,7 +235,7 @@ def grouping_order(model: nn.Module, units: list[Unit], batches: Iterable[dict],
     if config.kind.units is None:
         sketches = torch.cat([last_prompt_hidden(model, b).double().cpu() for b in batches])
     else:
-        sketches = query_sketches(model, units, batches)
+        sketches = query_sketches(model, units, batches, logodds_cap=config.logodds_cap)
     return similarity_order(sketches, config.query_batch_size)
 
 
@@ -291,7 +301,7 @@ def _unit_parts(model: nn.Module, units: list[Unit], batch: dict[str, Tensor],
     """One forward + backward, then per unit: its ``[B, G]`` scores (float64) and, for cosine,
     the squared norms ``[B]`` of its DŴ. The one loop behind ``score_batch`` and
     ``unit_scores``, so the two cannot drift apart."""
-    cap = capture_pass(model, units, batch, sampled=False)
+    cap = capture_pass(model, units, batch, sampled=False, logodds_cap=config.logodds_cap)
     mask = batch["attention_mask"]
     for unit in units:
         part, sq = _unit_scores(cap, unit, mask, queries, _is_cosine(config))

@@ -120,8 +120,7 @@ def token_log_probs(logits: Tensor, input_ids: Tensor) -> Tensor:
 
 def sequence_log_probs(logits: Tensor, input_ids: Tensor, loss_mask: Tensor) -> Tensor:
     """log p(y | x) summed over the masked tokens: ``[B]``."""
-    picked = token_log_probs(logits, input_ids)
-    return torch.where(loss_mask.bool(), picked, torch.zeros_like(picked)).sum(dim=1)
+    return _masked_sum(token_log_probs(logits, input_ids), loss_mask)
 
 
 def sample_labels(logits: Tensor, generator: torch.Generator | None = None,
@@ -154,8 +153,13 @@ def _inverse_cdf(logits: Tensor, uniforms: Tensor) -> Tensor:
 
 
 def sequence_losses(model, batch: dict[str, Tensor], *, sampled: bool = False,
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, logodds_cap: float = 1.0) -> Tensor:
     """Per-sequence −log p over the loss mask, with data labels or labels sampled from the model.
+
+    ``logodds_cap`` c weighs each token's term by min(1 / (1 − p), c), the weight held constant
+    (no gradient through it): the token's gradient is then min(1, c (1 − p)) times that of its
+    log-odds log(p / (1 − p)), which does not vanish as p → 1 (``influence.logodds_cap``). c = 1
+    is the plain −log p that every other caller (perplexity, the correction's losses) uses.
 
     Returns:
         ``[B]`` losses; their sum's gradient holds every sequence's gradient separately.
@@ -163,4 +167,18 @@ def sequence_losses(model, batch: dict[str, Tensor], *, sampled: bool = False,
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = (sample_labels(logits, generator, batch.get("sample_seed")) if sampled
               else batch["input_ids"])
-    return -sequence_log_probs(logits, labels, batch["loss_mask"])
+    picked = token_log_probs(logits, labels)
+    if logodds_cap != 1.0:
+        picked = picked * logodds_weights(picked, logodds_cap)
+    return -_masked_sum(picked, batch["loss_mask"])
+
+
+def logodds_weights(log_probs: Tensor, cap: float) -> Tensor:
+    """min(1 / (1 − p), ``cap``) per token, without gradient: ``[B, T]`` (1 − p as −expm1(log p),
+    exact for p near 1)."""
+    surprise = torch.expm1(log_probs.detach()).abs()  # 1 − p ≥ 0 (p = 1 gives 0: weight cap)
+    return surprise.reciprocal().clamp(max=cap).nan_to_num(nan=cap)
+
+
+def _masked_sum(values: Tensor, loss_mask: Tensor) -> Tensor:
+    return torch.where(loss_mask.bool(), values, torch.zeros_like(values)).sum(dim=1)

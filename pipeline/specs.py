@@ -58,6 +58,7 @@ def influence(cfg: LancetConf) -> InfluenceConfig:
     i = cfg.influence
     return InfluenceConfig(method=i.method, query_batch_size=i.query_batch_size,
                            aggregate=i.aggregate, similarity=i.similarity, fisher=i.fisher,
+                           logodds_cap=i.logodds_cap,
                            damping=damping(cfg), module_filter=i.module_filter,
                            query_rank=i.query_rank, query_grouping=i.query_grouping,
                            query_parts=tuple(i.query_parts), opening_tokens=i.opening_tokens)
@@ -87,6 +88,7 @@ def cluster(cfg: LancetConf) -> ClusterConfig:
 
 def factor_spec(cfg: LancetConf, model_path: str) -> FactorSpec:
     return FactorSpec(model_path=model_path, method=influence(cfg).method, fisher=cfg.influence.fisher,
+                      logodds_cap=influence(cfg).logodds_cap,
                       dtype=cfg.model.dtype, damping=damping(cfg), tokenize=tokenize(cfg),
                       trust_remote_code=cfg.model.trust_remote_code,
                       module_filter=cfg.influence.module_filter)

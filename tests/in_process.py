@@ -24,7 +24,7 @@ def influence_in_process(spec: ScoreSpec, rows: list[dict], queries: list[dict],
     model, tok, units = model_and_units(spec)
     batches = [to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(rows, 16)]
     curvature = fit_curvature(model, units, batches, fisher=fisher or spec.influence.fisher,
-                              damping=damping)
+                              damping=damping, logodds_cap=spec.influence.logodds_cap)
     def query_batches(rows):
         return (to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(rows, 8))
 

@@ -1,5 +1,7 @@
 """Hook-captured per-sequence gradients against autograd on each sequence alone."""
 
+import math
+
 import pytest
 import torch
 from tiny_models import FAMILIES, random_batch, slice_batch, tiny_model
@@ -32,6 +34,43 @@ def test_linear_unit_gradients_equal_autograd_per_sequence(family):
         for unit in units:
             expected = true_weight_grad(model, unit.output_module, single)
             torch.testing.assert_close(grads[unit.name][row], expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cap", [3.0, 1e4])
+def test_logodds_capped_gradients_equal_autograd_of_the_capped_log_odds(cap):
+    """influence.logodds_cap: a token's gradient is min(1, c (1 − p)) times that of its
+    log-odds log(p / (1 − p)), computed here by autograd on the log-odds themselves."""
+    model = tiny_model(FAMILIES[0])
+    units = discover_units(model, "ekfac")
+    batch = random_batch(batch=2)
+    grads = batch_gradients(model, units, batch, logodds_cap=cap)
+    plain = batch_gradients(model, units, batch)
+    for row in range(2):
+        single = slice_batch(batch, [row])
+        for unit in units:
+            model.zero_grad()
+            logits = model(input_ids=single["input_ids"],
+                           attention_mask=single["attention_mask"]).logits[:, :-1]
+            logp = torch.log_softmax(logits, -1).gather(
+                -1, single["input_ids"][:, 1:, None]).squeeze(-1)
+            odds = logp - torch.log1p(-logp.exp())  # log(p / (1 − p))
+            scale = torch.clamp(cap * (1 - logp.exp()), max=1.0).detach()
+            (-(odds * scale * single["loss_mask"][:, 1:]).sum()).backward()
+            module = unit.output_module
+            weight = module.weight.grad if isinstance(module, nn.Linear) else module.weight.grad.T
+            expected = (torch.cat([weight, module.bias.grad.unsqueeze(1)], dim=1)
+                        if module.bias is not None else weight)
+            torch.testing.assert_close(grads[unit.name][row], expected, rtol=1e-7, atol=1e-12)
+    assert not torch.allclose(grads[units[0].name], plain[units[0].name])
+
+
+def test_logodds_weights_are_exact_for_memorised_tokens_and_stay_finite():
+    from operators.sequences import logodds_weights
+    logp = torch.tensor([[0.0, -1e-12, -1e-3, -0.7, -50.0, float("nan")]], dtype=torch.float64)
+    w = logodds_weights(logp, 10.0)
+    expected = [10.0, 10.0, 10.0, 1 / (1 - math.exp(-0.7)), 1.0, 10.0]
+    torch.testing.assert_close(w, torch.tensor([expected], dtype=torch.float64), rtol=1e-9, atol=0)
+    assert torch.equal(logodds_weights(logp, 1.0)[:, :5], torch.ones(1, 5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

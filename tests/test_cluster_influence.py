@@ -58,13 +58,14 @@ def in_process(assets):
     """The same fit in this process, no Ray: per-sample seeds make it the one-worker reference."""
     from cluster.batches import iter_row_batches, to_tensors
     from cluster.model_io import load_model, load_tokenizer
-    from operators.curvature import fit_curvature
+    from operators.curvature import DEFAULT_LOGODDS_CAP, fit_curvature
     from operators.units import discover_units
     corpus, model_dir, _ = assets
     model, tok = load_model(model_dir, "float64"), load_tokenizer(model_dir)
     batches = [to_tensors(c, tok, TokenizeConfig(max_length=64))
                for c in iter_row_batches(corpus.train, 16)]
-    return fit_curvature(model, discover_units(model, "linfac"), batches)
+    return fit_curvature(model, discover_units(model, "linfac"), batches,
+                         logodds_cap=DEFAULT_LOGODDS_CAP)  # FactorSpec's
 
 
 def test_two_workers_fit_the_same_factors_and_scores_as_one(ray_local, assets, tmp_path):

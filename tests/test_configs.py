@@ -79,6 +79,15 @@ def test_query_grouping_reaches_the_influence_config_and_the_score_stage_key():
     assert "influence.query_grouping" in score.config_keys  # another grouping: another scoring
 
 
+def test_logodds_cap_reaches_the_factors_and_the_scores_and_both_stage_keys():
+    from pipeline.specs import factor_spec, influence
+    from pipeline.stages.table import STAGES
+    cfg = compose_typed(["influence.logodds_cap=2.5"])
+    assert influence(cfg).logodds_cap == 2.5 and factor_spec(cfg, "m").logodds_cap == 2.5
+    for name in ("fit_factors", "score"):  # another cap: other factors, other scores
+        assert "influence.logodds_cap" in next(s for s in STAGES if s.name == name).config_keys
+
+
 def test_query_parts_reach_the_score_spec_with_the_judges_patterns_where_they_judge():
     from pipeline.specs import influence, score_spec
     from pipeline.stages.table import STAGES
@@ -115,6 +124,10 @@ OUT_OF_RANGE = [
     ("influence.damping_absolute=-1e-3", "influence.damping_absolute=-0.001: must be >= 0"),
     ("influence.attribution_top_k=-1", "influence.attribution_top_k=-1: must be >= 0"),
     ("influence.opening_tokens=0", "influence.opening_tokens=0: must be >= 1"),
+    ("influence.logodds_cap=0.5", "influence.logodds_cap=0.5: must be a finite number >= 1"),
+    ("influence.logodds_cap=-2", "influence.logodds_cap=-2.0: must be a finite number >= 1"),
+    ("influence.logodds_cap=nan", "influence.logodds_cap=nan: must be a finite number >= 1"),
+    ("influence.logodds_cap=inf", "influence.logodds_cap=inf: must be a finite number >= 1"),
     ("ibo.beta=0", "ibo.beta=0.0: must be > 0"),
     ("ibo.gamma=-1", "ibo.gamma=-1.0: must be >= 0"),
     ("ibo.steps=0", "ibo.steps=0: must be >= 1"),

@@ -78,13 +78,14 @@ def undisturbed(assets):
     """The same fit in this process, no Ray: per-sample seeds make it the reference."""
     from cluster.batches import iter_row_batches, to_tensors
     from cluster.model_io import load_model, load_tokenizer
-    from operators.curvature import fit_curvature
+    from operators.curvature import DEFAULT_LOGODDS_CAP, fit_curvature
     from operators.units import discover_units
     corpus, model_dir, root = assets
     rows = pq.read_table(root / "big.parquet").to_pylist()
     model, tok = load_model(model_dir, "float64"), load_tokenizer(model_dir)
     batches = [to_tensors(c, tok, TOKENS) for c in iter_row_batches(rows, 32)]
-    return fit_curvature(model, discover_units(model, "linfac"), batches)
+    return fit_curvature(model, discover_units(model, "linfac"), batches,
+                         logodds_cap=DEFAULT_LOGODDS_CAP)  # FactorSpec's
 
 
 def fitting_started(lines: list[str]) -> bool:

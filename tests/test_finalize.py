@@ -94,7 +94,8 @@ def scored_in_process(demo, folder, how):
                      influence=InfluenceConfig(query_batch_size=2, aggregate=how))
     model, tok, units = model_and_units(spec)
     batches = [to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(corpus.train, 32)]
-    curvature = fit_curvature(model, units, batches, corrected=True)
+    curvature = fit_curvature(model, units, batches, corrected=True,
+                              logodds_cap=spec.influence.logodds_cap)
     queries = [r for r in corpus.train if r["planted"]][:5]
     features = precondition_queries(model, units, (to_tensors(c, tok, spec.tokenize) for c in
                                                    iter_row_batches(queries, 4)),

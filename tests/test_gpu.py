@@ -23,7 +23,8 @@ def scores_on(device, method, fisher, dtype=torch.float64, rank=None):
     config = InfluenceConfig(method=method, fisher=fisher, query_batch_size=2, query_rank=rank)
     units = units_for(model, config)
     train = [to(random_batch(batch=8, seed=s, length=12), device) for s in (5, 6)]
-    curv = fit_curvature(model, units, train, corrected=method != "kfac", fisher=fisher)
+    curv = fit_curvature(model, units, train, corrected=method != "kfac", fisher=fisher,
+                         logodds_cap=config.logodds_cap)
     queries = precondition_queries(model, units, [to(random_batch(batch=3, seed=9), device)],
                                    config, curv)
     assert all(v.device.type == torch.device(device).type for v in queries.values())

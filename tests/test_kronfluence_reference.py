@@ -62,7 +62,7 @@ def kronfluence_scores(model, units, train, queries, strategy, tmp_path):
 def test_scores_equal_kronfluence(method, strategy, tmp_path):
     model = conv1d_to_linear(tiny_model("gpt2"))
     train, queries = random_batch(batch=8, seed=1), random_batch(batch=3, seed=2)
-    config = InfluenceConfig(method=method, fisher="empirical",
+    config = InfluenceConfig(method=method, fisher="empirical", logodds_cap=1.0,  # log p, as it
                              damping=DampingConfig(absolute=DAMPING))
     units = units_for(model, config)
     curvature = fit_curvature(model, units, [train], corrected=method == "ekfac",

@@ -30,7 +30,8 @@ def batches_of(tok, rows, size=32):
 def scores_for(model, tok, train_rows, query_rows, config):
     units = units_for(model, config)
     batches = batches_of(tok, train_rows)
-    curv = (fit_curvature(model, units, batches, corrected=config.kind.eigen_correction)
+    curv = (fit_curvature(model, units, batches, corrected=config.kind.eigen_correction,
+                          logodds_cap=config.logodds_cap)
             if config.uses_curvature else None)
     queries = precondition_queries(model, units, batches_of(tok, query_rows), config, curv)
     raw = torch.cat([score_batch(model, units, b, queries, config) for b in batches])

@@ -46,7 +46,8 @@ def run_fit(ctx: StageContext) -> dict:
     meta.update(units=units, counts={"sequences": metrics["sequences"],
                                      "tokens": metrics["tokens"]},
                 dtypes={"factors": "float64", "model": cfg.model.dtype},
-                fisher=cfg.influence.fisher, damping=cfg.influence.damping)
+                fisher=cfg.influence.fisher, logodds_cap=spec.logodds_cap,
+                damping=cfg.influence.damping)
     out.meta.write_text(json.dumps(meta, indent=2))
     ctx.log(f"fit_factors: {metrics['sequences']:.0f} sequences, "
             f"{metrics['sequences_per_s']:.1f} seq/s, {metrics['tokens_per_s']:.0f} tokens/s")

@@ -8,8 +8,8 @@ from pipeline.dag import Stage
 from pipeline.stages import correct, evaluate, influence, prepare, report, select
 
 MODEL_KEYS = ("model", "demo", "data", "judge", "seed")
-INFLUENCE_KEYS = ("influence.method", "influence.fisher", "influence.damping",
-                  "influence.damping_absolute", "influence.module_filter")
+INFLUENCE_KEYS = ("influence.method", "influence.fisher", "influence.logodds_cap",
+                  "influence.damping", "influence.damping_absolute", "influence.module_filter")
 
 
 def prepare_reads(cfg: LancetConf) -> dict[str, str]:
