@@ -60,9 +60,11 @@ class Setup:
     top_k: int = 20
     seeds: tuple[int, ...] = (0, 1)
     fisher: str | None = None  # the curvature's labels; None: the product's default
+    logodds_cap: float | None = None  # influence.logodds_cap; None: the product's default
 
     def influence(self) -> InfluenceConfig:
-        return InfluenceConfig() if self.fisher is None else InfluenceConfig(fisher=self.fisher)
+        chosen = {"fisher": self.fisher, "logodds_cap": self.logodds_cap}
+        return InfluenceConfig(**{k: v for k, v in chosen.items() if v is not None})
 
     def variants(self) -> list[tuple[str, tuple[int, ...]]]:
         last, middle = self.layers - 1, self.layers // 2
@@ -236,11 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plant-epochs", type=int, default=Setup.plant_epochs)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(Setup.seeds))
     parser.add_argument("--fisher", choices=FISHER_KINDS, default=None)
+    parser.add_argument("--logodds-cap", type=float, default=None)
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     setup = Setup(top_k=args.top_k, plant_epochs=args.plant_epochs, seeds=tuple(args.seeds),
-                  fisher=args.fisher)
+                  fisher=args.fisher, logodds_cap=args.logodds_cap)
     began = time.perf_counter()
     rows = run(setup, log=lambda m: print(f"[bench.attribution] {m}", flush=True))
     text = render(rows, setup, time.perf_counter() - began)

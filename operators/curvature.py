@@ -110,7 +110,8 @@ def capture_pass(model: nn.Module, units: list[Unit], batch: dict[str, Tensor], 
 def batch_gradients(model: nn.Module, units: list[Unit], batch: dict[str, Tensor], *,
                     sampled: bool = False, generator: torch.Generator | None = None,
                     logodds_cap: float = 1.0) -> dict[str, Tensor]:
-    """Per-sequence unit gradients of −log p_T(y|x): name -> ``[B, d_out, d_in (+1)]``."""
+    """Per-sequence unit gradients of −log p(y|x) (tokens weighted by ``logodds_cap``): name ->
+    ``[B, d_out, d_in (+1)]``."""
     cap = capture_pass(model, units, batch, sampled=sampled, generator=generator,
                        logodds_cap=logodds_cap)
     return unit_gradients(cap, units, batch["attention_mask"])
