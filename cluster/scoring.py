@@ -222,8 +222,8 @@ def _column_scales(files: list[Path]) -> np.ndarray:
 def _raw_matrix(column) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    width = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    width = column.type.list_size  # a copy: Arrow's buffers are read-only (torch warns on them)
+    return np.array(column.flatten().to_numpy(zero_copy_only=False)).reshape(-1, width)
 
 
 @dataclass(frozen=True)
