@@ -22,35 +22,36 @@ class ModelLoadError(UserError):
     """The model directory is missing, incomplete, corrupt or of an unsupported architecture."""
 
 
-def _check_tokenizer_files(path: Path) -> None:
+def _check_tokenizer_files(path: Path, key: str = "model.path") -> None:
     """Without its files transformers builds a tokenizer with an empty vocabulary and every
     score downstream is computed from it: refuse instead, naming what is missing."""
     present = [name for name in TOKENIZER_FILES if (path / name).is_file()]
     if not present and not any(path.glob("*.tiktoken")):
-        raise ModelLoadError(f"model.path={path}: no tokenizer files (missing tokenizer.json; "
+        raise ModelLoadError(f"{key}={path}: no tokenizer files (missing tokenizer.json; "
                              f"or one of {', '.join(TOKENIZER_FILES[1:])})")
     if present == ["vocab.json"] and not (path / "merges.txt").is_file():
-        raise ModelLoadError(f"model.path={path}: vocab.json without merges.txt (missing "
+        raise ModelLoadError(f"{key}={path}: vocab.json without merges.txt (missing "
                              "merges.txt or tokenizer.json)")
 
 
-def check_model_dir(path: str | Path, tokenizer: bool = True) -> Path:
+def check_model_dir(path: str | Path, tokenizer: bool = True, key: str = "model.path") -> Path:
     """Refuse a missing or incomplete model directory before any worker tries to load it
-    (``tokenizer=False``: the weights alone, e.g. a model whose tokenizer is read elsewhere)."""
+    (``tokenizer=False``: the weights alone, e.g. a model whose tokenizer is read elsewhere;
+    ``key``: the config key that names it, in the errors)."""
     path = Path(path)
     if not path.is_dir():
-        raise ModelLoadError(f"model.path={path}: no such directory")
+        raise ModelLoadError(f"{key}={path}: no such directory")
     config = path / "config.json"
     if not config.is_file():
-        raise ModelLoadError(f"model.path={path}: no config.json (not a Hugging Face model dir)")
+        raise ModelLoadError(f"{key}={path}: no config.json (not a Hugging Face model dir)")
     try:
         json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{config}: not valid JSON ({err})") from err
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ModelLoadError(f"model.path={path}: no weights (*.safetensors) found")
+        raise ModelLoadError(f"{key}={path}: no weights (*.safetensors) found")
     if tokenizer:
-        _check_tokenizer_files(path)
+        _check_tokenizer_files(path, key)
     return path
 
 

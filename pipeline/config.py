@@ -4,6 +4,7 @@ sees OmegaConf."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -280,14 +281,34 @@ def register() -> None:
 def to_typed(cfg) -> LancetConf:
     """OmegaConf → dataclasses, once, at the entry point."""
     from omegaconf import OmegaConf
+    _check_known(OmegaConf.to_container(cfg, resolve=False), LancetConf(), "")
     return resolve_defaults(OmegaConf.to_object(cfg))
 
 
+def _check_known(given: dict, schema, prefix: str) -> None:
+    """Every key is one of the schema's: `+key=value` adds a key Hydra accepts and LANCET would
+    then ignore without a word (a misspelt `+influence.alpah=0.5` ran at the default α)."""
+    for key, value in given.items():
+        if not prefix and key == "hydra":
+            continue
+        if not hasattr(schema, str(key)):
+            raise UserError(f"{prefix}{key}: not a LANCET config key (see `python -m pipeline "
+                            "--cfg job` for the keys)")
+        child = getattr(schema, str(key))
+        if dataclasses.is_dataclass(child) and isinstance(value, dict):
+            _check_known(value, child, f"{prefix}{key}.")
+
+
 def max_length_of(cfg: LancetConf) -> int:
-    """``model.max_length``, or the default ``resolve_defaults`` gives it (a bare LancetConf)."""
+    """``model.max_length``, or the default ``resolve_defaults`` gives it (a bare LancetConf):
+    the demo's, else USER_MAX_LENGTH or the positions the user's model has, if fewer."""
     if cfg.model.max_length is not None:
         return cfg.model.max_length
-    return cfg.demo.max_length if not cfg.data.train else USER_MAX_LENGTH
+    if not cfg.data.train:
+        return cfg.demo.max_length
+    from cluster.model_checks import model_positions
+    positions = model_positions(cfg.model.path) if cfg.model.path else None
+    return min(USER_MAX_LENGTH, positions[1]) if positions else USER_MAX_LENGTH
 
 
 def resolve_defaults(cfg: LancetConf) -> LancetConf:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
 from cluster.batches import TokenizeConfig
@@ -146,13 +148,41 @@ def _check_ranges(cfg: LancetConf) -> None:
     if cfg.cluster.max_failures < -1:
         raise UserError(f"cluster.max_failures={cfg.cluster.max_failures}: must be >= 0 "
                          "(-1: retry forever)")
+    if cfg.cluster.score_shard_rows < 1:
+        raise UserError(f"cluster.score_shard_rows={cfg.cluster.score_shard_rows}: must be >= 1")
+    if cfg.mlflow.enabled and not cfg.mlflow.experiment.strip():
+        raise UserError("mlflow.experiment is empty: name the MLflow experiment (or "
+                         "mlflow.enabled=false)")
 
 
-def check_inputs(cfg: LancetConf) -> None:
-    """The files the config names, as far as a glance can tell (the rows are read by prepare)."""
+def _check_finite(node, prefix: str = "") -> None:
+    """Every number of the config is finite: inf passes a `> 0` check and then breaks a job
+    (an infinite ibo.lr trained a model of NaNs that the run registered)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key}={value}: must be a finite number")
+
+
+def check_inputs(cfg: LancetConf, corrects: bool = True) -> None:
+    """The files the config names, as far as a glance can tell (the rows are read by prepare);
+    ``corrects``: the run goes as far as the correction (its DeepSpeed JSON and the classifier
+    judge of the evaluation after it are read)."""
+    from cluster.model_checks import check_classifier_dir, check_lora_targets, check_model_fits
+    from cluster.model_io import check_model_dir
     if cfg.model.path:
-        from cluster.model_io import check_model_dir
         check_model_dir(cfg.model.path)
+        check_model_fits(cfg.model.path, max_length_of(cfg), cfg.model.trust_remote_code)
+        if corrects and cfg.ibo.lora.enabled:
+            check_lora_targets(cfg.model.path, cfg.ibo.lora.target_modules,
+                               cfg.model.trust_remote_code)
+    if corrects:
+        from cluster.deepspeed_strategy import read_ds_config
+        read_ds_config(deepspeed_path(cfg))
+        if cfg.judge.kind == "classifier":
+            check_classifier_dir(cfg.judge.path, cfg.judge.label)
 
 
 def validate(cfg: LancetConf) -> None:
@@ -176,3 +206,4 @@ def validate(cfg: LancetConf) -> None:
     if cfg.pipeline.verify not in VERIFY_MODES:
         raise UserError(f"pipeline.verify={cfg.pipeline.verify!r}: expected one of "
                          f"{', '.join(VERIFY_MODES)}")
+    _check_finite(cfg)  # last: the specs' own range checks name NaN their way

@@ -1,0 +1,120 @@
+"""Config values and model folders that used to pass the start-up checks and fail (or do
+harm) only inside a stage: each is refused before any stage runs, naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_configs import compose_typed
+
+from cluster.model_checks import check_model_fits
+from operators.errors import UserError
+from pipeline import specs
+from pipeline.config import max_length_of
+
+
+@pytest.mark.parametrize("key", ["ibo.lr", "ibo.beta", "ibo.gamma", "influence.damping",
+                                 "eval.relearn_lr", "demo.lr", "cluster.autoscale_timeout_s"])
+@pytest.mark.parametrize("value", ["inf", "-inf"])
+def test_an_infinite_number_is_refused_naming_its_key(key, value):
+    with pytest.raises(UserError, match=rf"^{key}={value}: must be a finite number$"):
+        specs.validate(compose_typed([f"{key}={value}"]))
+
+
+@pytest.mark.parametrize("override", ["+foo=1", "+influence.alpah=0.5", "+ibo.lora.rank=4"])
+def test_a_key_added_with_plus_that_lancet_does_not_know_is_refused(override):
+    key = override[1:].split("=")[0]
+    with pytest.raises(UserError, match=rf"^{key}: not a LANCET config key"):
+        compose_typed([override])
+
+
+def test_the_sweep_config_group_added_with_plus_still_composes():
+    cfg = compose_typed(["+sweep=alpha_batch"])
+    specs.validate(cfg)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["mlflow.experiment="], r"^mlflow.experiment is empty"),
+    (["cluster.score_shard_rows=0"], r"^cluster.score_shard_rows=0: must be >= 1$"),
+])
+def test_keys_a_late_stage_reads_are_checked_at_start(overrides, message):
+    with pytest.raises(UserError, match=message):
+        specs.validate(compose_typed(overrides))
+    specs.validate(compose_typed([*overrides, "mlflow.enabled=false"])
+                   if "mlflow" in overrides[0] else compose_typed([]))
+
+
+def test_a_missing_deepspeed_json_is_refused_only_where_the_run_corrects(tmp_path):
+    cfg = compose_typed([f"ibo.deepspeed_config={tmp_path / 'none.json'}"])
+    with pytest.raises(UserError, match=r"^ibo.deepspeed_config=.*none.json: no such file$"):
+        specs.check_inputs(cfg)
+    specs.check_inputs(cfg, corrects=False)  # pipeline.until=score reads no DeepSpeed JSON
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A GPT-2 folder of 64 positions with a word-level tokenizer of its own."""
+    from pipeline.demo.model import TinyModelConfig, train_demo_model
+    rows = [dict(prompt=f"question {i} ?", response=f"answer {i} .") for i in range(8)]
+    model, tok = train_demo_model(rows, [], TinyModelConfig(width=16, layers=1, heads=2,
+                                                             context=64, epochs=1))
+    path = tmp_path_factory.mktemp("model") / "model"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def _user(model_dir, *overrides):
+    return compose_typed([f"model.path={model_dir}", "data.train=/data/train.jsonl",
+                          "data.queries=/data/queries.jsonl", *overrides])
+
+
+def test_a_user_model_with_fewer_positions_gets_them_as_its_default_length(model_dir):
+    assert max_length_of(_user(model_dir)) == 64
+    cfg = _user(model_dir, "model.max_length=65")
+    with pytest.raises(UserError, match=r"^model.max_length=65: the model at .* takes at most 64 "
+                                        r"tokens \(n_positions in its config.json\)"):
+        specs.check_inputs(cfg)
+    specs.check_inputs(_user(model_dir, "model.max_length=64"))
+
+
+def test_a_tokenizer_whose_ids_pass_the_models_embeddings_is_refused(model_dir, tmp_path):
+    from cluster.model_io import load_model, load_tokenizer
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    model = load_model(model_dir)
+    model.resize_token_embeddings(vocab - 5)
+    model.save_pretrained(tmp_path / "small")
+    load_tokenizer(model_dir).save_pretrained(tmp_path / "small")
+    with pytest.raises(UserError, match=r"the tokenizer gives token ids up to \d+ but the model "
+                                        rf"embeds {vocab - 5} \(vocab_size in its config.json\)"):
+        check_model_fits(tmp_path / "small", 64)
+    check_model_fits(model_dir, 64)
+
+
+def test_lora_target_modules_the_model_lacks_are_refused_listing_its_linear_modules(model_dir):
+    cfg = _user(model_dir, "ibo.lora.enabled=true", "ibo.lora.target_modules=[q_proj,c_attn]")
+    with pytest.raises(UserError, match=r"^ibo.lora.target_modules: \['q_proj'\] name no module "
+                                        r"of the model at .* \(its linear modules: .*c_attn"):
+        specs.check_inputs(cfg)
+    specs.check_inputs(_user(model_dir, "ibo.lora.enabled=true",
+                             "ibo.lora.target_modules=[c_attn,c_fc]"))
+    specs.check_inputs(cfg, corrects=False)  # no correction, no adapters
+
+
+def test_a_classifier_judge_that_is_not_there_is_refused_at_start(model_dir, tmp_path):
+    cfg = _user(model_dir, "judge=classifier", f"judge.path={tmp_path / 'judge'}")
+    with pytest.raises(UserError, match=r"^judge.path=.*judge: no such directory$"):
+        specs.check_inputs(cfg)
+    judge = tmp_path / "judge"
+    judge.mkdir()
+    for name in model_dir.iterdir():
+        (judge / name.name).write_bytes(name.read_bytes())
+    config = json.loads((judge / "config.json").read_text())
+    config["id2label"] = {"0": "safe", "1": "toxic"}
+    (judge / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"^judge.label='unsafe': the classifier at .* has the "
+                                        r"labels safe, toxic$"):
+        specs.check_inputs(cfg)
+    specs.check_inputs(_user(model_dir, "judge=classifier", f"judge.path={judge}",
+                             "judge.label=toxic"))
