@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from cluster.allreduce import world
 from cluster.atomic import atomic
 from cluster.deepspeed_strategy import DeepSpeedStrategy, read_ds_config, resolve_ds_config
@@ -156,12 +158,24 @@ def train_steps(model, update, tokenizer, ref: Reference | None, rows: dict[str,
         began = time.perf_counter()
         batch = {name: _take(r, step, spec.batch_size) for name, r in rows.items()}
         loss, metrics = step_loss(model, tokenizer, ref, batch, spec.objective, device)
+        _check_finite(loss, step, spec)
         update(loss)
         times.append(time.perf_counter() - began)
         curve.append({**metrics, "step": step + 1, "step_seconds": times[-1]})
         if after_step is not None:
             after_step(step + 1, metrics, times)
     return curve
+
+
+def _check_finite(loss, step: int, spec: IBOSpec) -> None:
+    """Stop at a non-finite loss: every later step would train on it and the job would save
+    (and the run register) a model of NaNs."""
+    if bool(torch.isfinite(loss.detach()).all()):
+        return
+    cause = ("before any update: the model's own outputs are not finite (try model.dtype="
+             "float32)" if step == 0 else "the model diverged: lower ibo.lr")
+    raise UserError(f"ibo: the {spec.objective.method} loss is {float(loss.detach())} at step "
+                    f"{step + 1} of {spec.steps} (ibo.lr={spec.lr:g}); {cause}")
 
 
 def _resume(strategy: DeepSpeedStrategy) -> tuple[int, list[dict]]:

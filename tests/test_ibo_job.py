@@ -206,6 +206,37 @@ def test_every_objective_runs_through_the_jobs_loop(selected, method):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("poisoned_at", [0, 2])
+def test_a_non_finite_loss_stops_the_correction_naming_the_step_and_lr(selected, poisoned_at):
+    """A step whose loss is NaN (the weights diverged, or the model's own outputs were never
+    finite) ends the job with a user error instead of training on and saving NaN weights."""
+    from cluster.ibo_job import _policy, _reference, train_steps
+    from operators.errors import UserError
+    corpus, model_dir, root = selected
+    spec = ibo_spec(model_dir, steps=4, lr=1e-3)
+    rows = {n: pq.read_table(root / "select" / f"{n}.parquet").to_pylist()
+            for n in spec.objective.objective.datasets}
+    tok = load_tokenizer(model_dir)
+    model = _policy(spec, "cpu", "float32")
+    updates = []
+
+    def update(loss):  # the diverging optimizer: after `poisoned_at` steps, NaN weights
+        updates.append(float(loss.detach()))
+        if len(updates) == poisoned_at:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+    if poisoned_at == 0:
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(UserError, match=rf"loss is nan at step {poisoned_at + 1} of 4 "
+                                        r"\(ibo.lr=0.001\); " +
+                                        ("before any update" if poisoned_at == 0 else
+                                         "the model diverged: lower ibo.lr")):
+        train_steps(model, update, tok, _reference(spec, tok, rows, "cpu"), rows, spec, "cpu")
+    assert len(updates) == poisoned_at  # no update was made from the NaN loss
+
+
 def test_lora_corrects_through_adapters_and_saves_a_merged_model(selected):
     """(The job run here is also the ``ga`` baseline's run through the job.)"""
     from cluster.ibo_job import LoraSpec
