@@ -201,9 +201,10 @@ def to_compute(stages: list[Stage], cfg: LancetConf) -> list[str]:
     return todo
 
 
-def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], None]
-            ) -> dict[str, dict]:
-    """Run ``stages`` in order; returns each stage's metrics (with ``cached``)."""
+def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], None],
+            first_publish: Callable[[], None] | None = None) -> dict[str, dict]:
+    """Run ``stages`` in order; returns each stage's metrics (with ``cached``).
+    ``first_publish`` runs once, before the first stage's output is linked under output_dir."""
     cache, output_dir = Path(cfg.cache_dir), Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -221,6 +222,8 @@ def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], 
             tracker.metrics(metrics)
             _log_outputs(tracker, stage, path, fp, log)
         paths[stage.name], prints[stage.name] = path, fp
+        if first_publish is not None and not results:
+            first_publish()
         _publish(path, output_dir, stage.publish_as)
         results[stage.name] = {**metrics, "cached": cached}
         log(f"stage {stage.name} reused from cache" if cached else

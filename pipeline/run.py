@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import traceback
 from dataclasses import asdict
@@ -63,22 +64,33 @@ def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: s
     """Validate, then run the DAG (up to ``pipeline.until``) inside an MLflow parent run named
     ``name`` (nested under the sweep's run when ``sweep`` names a multirun's folder)."""
     specs.validate(cfg)
-    specs.check_inputs(cfg)
     stages = select_until(STAGES, cfg.pipeline.until)
+    specs.check_inputs(cfg, corrects="ibo" in {s.name for s in stages})
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)  # an unwritable output fails before anything
     if set(to_compute(stages, cfg)) & set(CLUSTER_STAGES):  # a cached run starts no Ray
         connect(specs.cluster(cfg))  # fails at once if the workers can never be placed
     log.info(f"output_dir: {output.resolve()}")
     log.info(f"cache_dir:  {Path(cfg.cache_dir).resolve()}")
-    config_file = output / "config.yaml"
+    # The run's config.yaml joins output_dir with its first published stage: a run that fails
+    # before it leaves a folder an earlier run published as that run left it.
+    pending = output / ".pending"
+    pending.mkdir(exist_ok=True)
+    config_file = pending / "config.yaml"
     config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
+    def publish_config() -> None:
+        shutil.copyfile(config_file, output / "config.yaml")
+
     tracker = Tracker(tracking_uri(cfg, sweep), cfg.mlflow.experiment, cfg.mlflow.enabled)
-    with tracker.parent(name, resolved, config_file, sweep) as run_id:
-        results = run_dag(stages, cfg, tracker, log.info)
-        final = {k: v for stage in results.values() for k, v in stage.items()
-                 if k != "cached" and ("/" in k)}
-        tracker.metrics(final)
+    try:
+        with tracker.parent(name, resolved, config_file, sweep) as run_id:
+            results = run_dag(stages, cfg, tracker, log.info, publish_config)
+            final = {k: v for stage in results.values() for k, v in stage.items()
+                     if k != "cached" and ("/" in k)}
+            tracker.metrics(final)
+    finally:
+        shutil.rmtree(pending, ignore_errors=True)
     (output / "run.json").write_text(json.dumps(
         {"mlflow_run_id": run_id, "tracking_uri": tracker.uri, "stages": results}, indent=2,
         default=str))

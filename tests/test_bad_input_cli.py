@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from demo_assets import save_demo_model
@@ -146,8 +147,18 @@ def test_plain_user_paths_bom_jsonl_and_in_place_edits(user_project, tmp_path):
     train.write_bytes(b"\xef\xbb\xbf" + (root / "train.jsonl").read_bytes())
     run = (*plain, f"data.train={train}", "pipeline.until=prepare", f"cache_dir={tmp_path / 'c'}")
     run_cli(*run, f"output_dir={tmp_path / 'a'}")
-    assert "max_length: 512" in (tmp_path / "a" / "config.yaml").read_text()
+    model = next(a for a in args if a.startswith("model.path=")).split("=", 1)[1]
+    positions = json.loads((Path(model) / "config.json").read_text())["n_positions"]
+    # the user default (512), or the positions of a model that takes fewer
+    assert f"max_length: {min(512, positions)}" in (tmp_path / "a" / "config.yaml").read_text()
     assert "label_column: ''" in (tmp_path / "a" / "config.yaml").read_text()
+    published = (tmp_path / "a" / "config.yaml").read_text()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "x", "prompt": "p"}\n')  # no response
+    proc = run_cli(*plain, f"data.train={bad}", "pipeline.until=prepare",
+                   f"cache_dir={tmp_path / 'c'}", f"output_dir={tmp_path / 'a'}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (tmp_path / "a" / "config.yaml").read_text() == published  # the failed run's is not
     run_cli(*run, f"output_dir={tmp_path / 'b'}")
     assert computed(tmp_path / "b") == set()  # unchanged: reused
     lines = train.read_text(encoding="utf-8-sig").splitlines()
