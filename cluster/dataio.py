@@ -2,7 +2,9 @@
 
 Every problem is reported as a ``DataError`` naming the file, the row (1-based line for JSONL,
 0-based row for Parquet) and the column. Rows come out normalised to ``id``, ``prompt``,
-``response`` plus the row's other columns, which are passed through untouched.
+``response`` plus the row's other columns, which are passed through untouched; a column must
+hold one kind of value, valid Unicode text, and not a name LANCET writes itself
+(``cluster/cells.py``).
 
 Formats (CONTRACT.md section 2):
 - ``prompt_response``: ``prompt``, ``response`` (``id`` optional; derived from file and row),
@@ -22,20 +24,26 @@ import glob
 import json
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.atomic import atomic
+from cluster.cells import (
+    SURROGATE_ESCAPE,
+    TURNS,
+    ColumnKinds,
+    reserved_problem,
+    unicode_problem,
+)
 from operators.errors import UserError
 
 FORMATS = ("prompt_response", "hh_rlhf", "beavertails")
 SUFFIXES = (".parquet", ".jsonl", ".json")
 ASSISTANT = "\n\nAssistant:"
 ROLES = ("system", "user", "assistant", "tool")
-TURNS = "prompt_turns"  # the same name as ``cluster.batches.TURNS``
 CHUNK_ROWS = 8192  # rows turned into Arrow at a time when writing
 
 
@@ -91,6 +99,8 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
                                 f"{err.colno})") from err
             if not isinstance(item, dict):
                 raise DataError(f"{path}, line {line_no}: expected a JSON object")
+            if SURROGATE_ESCAPE.search(text):  # rare: only then is every string checked
+                _refuse(unicode_problem(item), f"{path}, line {line_no}")
             yield line_no, item
 
 
@@ -184,16 +194,24 @@ def _turns(value, where: str) -> list[dict]:
     return out
 
 
-def iter_validated(spec: str, fmt: str = "prompt_response", key: str = "data.train",
-                   require_response: bool = True) -> Iterator[dict]:
-    """Rows of ``spec``, validated and normalised one at a time, ids unique across files.
+def iter_located(spec: str, fmt: str = "prompt_response", key: str = "data.train",
+                 require_response: bool = True, reserved: tuple[str, ...] = (),
+                 check: Callable[[dict], str | None] | None = None
+                 ) -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` of ``spec``: each row validated and normalised, with the place it came
+    from (``"file, line N"``) for the checks a caller adds; ids unique across files.
 
-    Holds only the ids seen (to refuse a repeated one), never the rows: the caller streams them.
+    ``reserved``: column names refused besides ``prompt_turns`` (which LANCET writes itself);
+    ``check``: the caller's own check of a normalised row, returning its problem ("column 'x':
+    …") or None, run before the generic ones so that its message is the one shown.
+    Holds only the ids seen (to refuse a repeated one) and each column's kind of value (to
+    refuse a column that mixes them), never the rows: the caller streams them.
     """
     if fmt not in FORMATS:
         raise DataError(f"data.format={fmt!r}: expected one of {FORMATS}")
     files = resolve_files(spec, key)
     seen: dict[str, int] = {}  # id -> file index * 2**40 + row number
+    kinds = ColumnKinds()
     columns: tuple[Path, list[str]] | None = None
     count = 0
     for index, path in enumerate(files):
@@ -201,26 +219,48 @@ def iter_validated(spec: str, fmt: str = "prompt_response", key: str = "data.tra
         names: set[str] = set()
         for row_no, item in iter_rows(path):
             where = f"{path}, {unit} {row_no}"
+            _refuse(reserved_problem(item, reserved), where)
             out = normalise(item, fmt, where, require_response)
             out["id"] = _row_id(item, path, row_no, where)
-            first = seen.setdefault(out["id"], index * 2 ** 40 + row_no)
-            if first != index * 2 ** 40 + row_no:
-                earlier = files[first >> 40]
-                raise DataError(f"{where}, column 'id': duplicate id {out['id']!r} (first at "
-                                f"{earlier}, {'line' if earlier.suffix != '.parquet' else 'row'} "
-                                f"{first & (2 ** 40 - 1)})")
+            _check_unique(out["id"], seen, files, index * 2 ** 40 + row_no, where)
+            _refuse(check(out) if check else None, where)
+            _refuse(kinds.problem(out, where), where)
             names.update(out)
             count += 1
-            yield out
+            yield where, out
         columns = _check_same_columns(columns, path, names)
     if not count:
         raise DataError(f"{key}={spec}: no rows")
+
+
+def iter_validated(spec: str, fmt: str = "prompt_response", key: str = "data.train",
+                   require_response: bool = True, reserved: tuple[str, ...] = ()
+                   ) -> Iterator[dict]:
+    """The rows of ``iter_located``, without their places."""
+    for _, row in iter_located(spec, fmt, key, require_response, reserved):
+        yield row
 
 
 def read_rows(spec: str, fmt: str = "prompt_response", key: str = "data.train",
               require_response: bool = True) -> list[dict]:
     """All rows of ``spec`` in a list (for small inputs: queries, evaluation prompts)."""
     return list(iter_validated(spec, fmt, key, require_response))
+
+
+def _refuse(problem: str | None, where: str) -> None:
+    if problem:
+        raise DataError(f"{where}, {problem}")
+
+
+def _check_unique(row_id: str, seen: dict[str, int], files: list[Path], place: int, where: str
+                  ) -> None:
+    """``place``: file index * 2**40 + row number, kept for the first row of each id."""
+    first = seen.setdefault(row_id, place)
+    if first != place:
+        earlier = files[first >> 40]
+        raise DataError(f"{where}, column 'id': duplicate id {row_id!r} (first at {earlier}, "
+                        f"{'line' if earlier.suffix != '.parquet' else 'row'} "
+                        f"{first & (2 ** 40 - 1)})")
 
 
 def _row_id(item: dict, path: Path, row_no: int, where: str) -> str:
@@ -242,13 +282,16 @@ def _check_same_columns(previous, path: Path, names: set[str]):
     return (path, names) if previous is None else previous
 
 
-def write_parquet_atomic(rows: Iterable[dict], path: Path, chunk_rows: int = CHUNK_ROWS) -> int:
+def write_parquet_atomic(rows: Iterable[dict], path: Path, chunk_rows: int = CHUNK_ROWS,
+                         source: str = "") -> int:
     """Stream rows into one Parquet file at ``path``; returns how many were written.
 
     Rows become Arrow one chunk at a time (the corpus is never held whole); the chunks' types
     are unified at the end (a column null in the first chunks takes its later type). The file
-    appears under its final name only when complete.
+    appears under its final name only when complete. ``source``: what the rows were read from
+    (``data.train=…``), named by a type error instead of ``path``'s name.
     """
+    source = source or path.name
     path.parent.mkdir(parents=True, exist_ok=True)
     parts = path.with_name(f".{path.name}.parts")
     shutil.rmtree(parts, ignore_errors=True)
@@ -256,11 +299,11 @@ def write_parquet_atomic(rows: Iterable[dict], path: Path, chunk_rows: int = CHU
     try:
         schemas, count = [], 0
         for number, chunk in enumerate(_chunks(rows, chunk_rows)):
-            table = _chunk_table(chunk, path)
+            table = _chunk_table(chunk, source)
             schemas.append(table.schema)
             pq.write_table(table, parts / f"{number:06d}.parquet")
             count += table.num_rows
-        _join_parts(sorted(parts.iterdir()), schemas, path)
+        _join_parts(sorted(parts.iterdir()), schemas, path, source)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return count
@@ -277,7 +320,7 @@ def _chunks(rows: Iterable[dict], size: int) -> Iterator[list[dict]]:
         yield chunk
 
 
-def _chunk_table(chunk: list[dict], path: Path) -> pa.Table:
+def _chunk_table(chunk: list[dict], source: str) -> pa.Table:
     """Every key any row of the chunk has (absent: null), its type inferred over all rows."""
     keys = list(dict.fromkeys(k for row in chunk for k in row))
     columns = {}
@@ -285,11 +328,11 @@ def _chunk_table(chunk: list[dict], path: Path) -> pa.Table:
         try:
             columns[key] = pa.array([row.get(key) for row in chunk])
         except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-            raise DataError(f"{path.name}: column '{key}' mixes types ({err})") from err
+            raise DataError(f"{source}: column '{key}' mixes types ({err})") from err
     return pa.table(columns)
 
 
-def _join_parts(parts: list[Path], schemas: list[pa.Schema], path: Path) -> None:
+def _join_parts(parts: list[Path], schemas: list[pa.Schema], path: Path, source: str) -> None:
     if not parts:
         with atomic(path) as tmp:
             pq.write_table(pa.table({}), tmp)
@@ -297,7 +340,7 @@ def _join_parts(parts: list[Path], schemas: list[pa.Schema], path: Path) -> None
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-        raise DataError(f"{path.name}: a passthrough column mixes types ({err})") from err
+        raise DataError(f"{source}: a passthrough column mixes types ({err})") from err
     with atomic(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for part in parts:
             table = pq.read_table(part)

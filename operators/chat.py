@@ -8,10 +8,16 @@ evaluation and generation all go through ``prompt_ids`` / ``chat_split`` so they
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from operators.errors import UserError
 
 TEMPLATES = ("auto", "plain")
 Turns = list[dict[str, str]]  # chat turns: {"role": "user" | "assistant" | "system", "content"}
+
+
+class ChatTemplateError(UserError):
+    """The tokenizer's chat template does not compile, or raises on a conversation."""
 
 
 def uses_chat_template(tokenizer, template: str = "auto") -> bool:
@@ -68,8 +74,15 @@ def _conversation(prompt: str, turns: Turns | None) -> Turns:
 
 
 def _render_text(tokenizer, conversation: Turns, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(conversation, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    """The template's text; its failure (a syntax error, a ``raise_exception`` on turns it does
+    not support, such as a system turn) is the model folder's, not a bug here."""
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except TemplateError as err:
+        folder = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise ChatTemplateError(f"{folder}: its chat template fails ({type(err).__name__}: "
+                                f"{err}); fix it or set data.template=plain") from err
 
 
 def _render(tokenizer, conversation: Turns, generation_prompt: bool) -> list[int]:

@@ -27,8 +27,8 @@ def judged(prompts: list[dict], texts: list[str], judge: Judge) -> dict:
     out = {"generations": [{**p, "generation": t, "flagged": f}
                            for p, t, f in zip(prompts, texts, flags)],
            "distinct2": distinct_n(texts, 2)}
-    for split in ("seen", "unseen"):
-        chosen = [f for p, f in zip(prompts, flags) if p.get("split", "seen") == split]
+    for split in ("seen", "unseen"):  # no split (absent, or null beside rows that have one): seen
+        chosen = [f for p, f in zip(prompts, flags) if (p.get("split") or "seen") == split]
         out[f"rate_{split}"] = sum(chosen) / len(chosen) if chosen else float("nan")
     return out
 

@@ -3,20 +3,26 @@
 Writes ``train.parquet``, ``queries.parquet``, ``eval.parquet`` (prompts, ``split`` seen/unseen),
 ``clean_eval.parquet`` (optional) and ``info.json`` (the model directory, ground-truth column,
 token statistics). The demo also writes ``model/``: a tokenizer and a tiny GPT-2 trained here.
+
+Besides the rows' own checks (``cluster/dataio.py``), the user's data is refused here, naming
+the file, row and column, when the label column holds anything but booleans (or 0/1), an eval
+``split`` is not seen/unseen, the chat template fails on a row, or a query keeps no response
+token within ``model.max_length`` (a few: a warning).
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 
-import pyarrow.parquet as pq
-
-from cluster.batches import TURNS, encode_row
-from cluster.dataio import DataError, iter_validated, read_rows, write_parquet_atomic
+from cluster.batches import TURNS, encode_row, turns_of
+from cluster.cells import SCORED_COLUMNS
+from cluster.dataio import DataError, iter_located, write_parquet_atomic
 from cluster.model_io import check_model_dir, load_model, load_tokenizer
+from operators.chat import ChatTemplateError, prompt_ids
 from operators.errors import UserError
 from operators.generation import greedy_generate
-from operators.sequences import SequenceTooLongError
+from operators.sequences import Encoded, SequenceTooLongError
 from pipeline import specs
 from pipeline.artifacts import Prepared
 from pipeline.config import LancetConf
@@ -26,15 +32,20 @@ from pipeline.demo.model import train_demo_model
 from pipeline.judge import Judge, judge_config
 from pipeline.specs import tokenize
 
+# A query keeping fewer response tokens than this (cut at model.max_length) is warned about: its
+# influence rests on those few tokens.
+FEW_RESPONSE_TOKENS = 4
+SPLITS = ("seen", "unseen")  # data.eval's ``split``; absent or null: seen (pipeline.evaluation)
+
 
 def run(ctx: StageContext) -> dict:
     cfg = ctx.cfg
     if cfg.data.train:
-        return _bring_your_own(cfg, ctx.output())
+        return _bring_your_own(cfg, ctx.output(), ctx.log)
     return _demo(cfg, ctx.output(), ctx.log)
 
 
-def _bring_your_own(cfg: LancetConf, out: Prepared) -> dict:
+def _bring_your_own(cfg: LancetConf, out: Prepared, log) -> dict:
     """Validate and write the user's data; the corpus streams through (never held whole)."""
     if not cfg.model.path:
         raise UserError("model.path is empty: give your model directory with data.train")
@@ -43,39 +54,106 @@ def _bring_your_own(cfg: LancetConf, out: Prepared) -> dict:
         raise DataError("data.queries is empty: give the undesirable outputs observed")
     tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     stats = {"rows": 0, "tokens": 0, "truncated": 0}
-    train = _checked(iter_validated(cfg.data.train, cfg.data.format, "data.train"), tokenizer,
-                     cfg, "data.train", stats)
-    write_parquet_atomic(train, out.train)
     label = cfg.data.label_column
-    if label and label not in pq.read_schema(out.train).names:
-        raise DataError(f"data.label_column={label!r}: no such column in data.train")
-    queries = read_rows(cfg.data.queries, cfg.data.format, "data.queries")
-    _check_lengths(queries, tokenizer, cfg, "data.queries")
-    evals = (read_rows(cfg.data.eval, cfg.data.format, "data.eval", require_response=False)
+    train = iter_located(cfg.data.train, cfg.data.format, "data.train", reserved=SCORED_COLUMNS,
+                         check=partial(_label_problem, label=label) if label else None)
+    write_parquet_atomic(_checked(train, tokenizer, cfg, stats), out.train,
+                         source=f"data.train={cfg.data.train}")
+    queries = list(iter_located(cfg.data.queries, cfg.data.format, "data.queries"))
+    stats["queries_truncated"] = _check_queries(queries, tokenizer, cfg, log)
+    evals = (list(iter_located(cfg.data.eval, cfg.data.format, "data.eval",
+                               require_response=False, check=_split_problem))
              if cfg.data.eval else [])
-    clean = read_rows(cfg.data.clean_eval, "prompt_response", "data.clean_eval") \
+    _check_prompts(evals, tokenizer, cfg)
+    clean = list(iter_located(cfg.data.clean_eval, "prompt_response", "data.clean_eval")) \
         if cfg.data.clean_eval else []
-    return _write(out, cfg.model.path, None, queries, evals, clean, label, stats)
+    _check_prompts(clean, tokenizer, cfg)
+    return _write(out, cfg.model.path, None, _rows(queries), _rows(evals), _rows(clean), label,
+                  stats)
 
 
-def _checked(rows, tokenizer, cfg: LancetConf, key: str, stats: dict):
+def _rows(located: list[tuple[str, dict]]) -> list[dict]:
+    return [row for _, row in located]
+
+
+def _encoded(where: str, row: dict, tokenizer, cfg: LancetConf) -> Encoded:
+    """The row as every stage tokenizes it; a failure names the row."""
+    try:
+        return encode_row(tokenizer, tokenize(cfg), row["prompt"], row["response"],
+                          row.get(TURNS))
+    except SequenceTooLongError as err:
+        raise DataError(f"{where}: {err} (model.max_length={tokenize(cfg).max_length}; set "
+                        "model.truncate=true to cut)") from err
+    except ChatTemplateError as err:
+        raise DataError(f"{where}: {err}") from err
+
+
+def _checked(located, tokenizer, cfg: LancetConf, stats: dict):
     """Pass rows through, refusing one too long (unless truncating) and counting tokens."""
-    for row in rows:
-        try:
-            enc = encode_row(tokenizer, tokenize(cfg), row["prompt"], row["response"],
-                             row.get(TURNS))
-        except SequenceTooLongError as err:
-            raise DataError(f"{key}, id {row['id']!r}: {err} (model.max_length="
-                            f"{cfg.model.max_length}; set model.truncate=true to cut)") from err
+    for where, row in located:
+        enc = _encoded(where, row, tokenizer, cfg)
         stats["rows"] += 1
         stats["truncated"] += enc.truncated
         stats["tokens"] += len(enc.input_ids)
         yield row
 
 
+def _label_problem(row: dict, label: str) -> str | None:
+    """The ground truth is read as ``bool(value)``: "no" would count as contaminated."""
+    if label not in row:
+        return (f"column '{label}': missing (data.label_column names it; found columns: "
+                f"{', '.join(sorted(row))})")
+    value = row[label]
+    if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+        return None
+    got = "null" if value is None else f"{type(value).__name__} {value!r}"
+    return (f"column '{label}': expected a boolean (true/false or 0/1) for data.label_column, "
+            f"got {got}")
+
+
+def _split_problem(row: dict) -> str | None:
+    """An eval row's ``split`` (a misspelt one would leave the row out of every rate)."""
+    split = row.get("split")
+    if split is None or split in SPLITS:
+        return None
+    return (f"column 'split': {split!r} is not one of {', '.join(SPLITS)} (leave it out or "
+            "null for seen)")
+
+
+def _check_queries(located: list[tuple[str, dict]], tokenizer, cfg: LancetConf, log) -> int:
+    """How many queries were cut at model.max_length; a warning when a cut query keeps only a
+    few response tokens, an error when it keeps none (its gradient would be empty)."""
+    cut, short, length = 0, [], tokenize(cfg).max_length
+    for where, row in located:
+        enc = _encoded(where, row, tokenizer, cfg)
+        kept = len(enc.input_ids) - enc.prompt_len
+        if kept < 1:
+            raise DataError(f"{where}: the prompt fills model.max_length={length}: no response "
+                            "token is left for the query")
+        cut += enc.truncated
+        if enc.truncated and kept < FEW_RESPONSE_TOKENS:
+            short.append(where)
+    if short:
+        log(f"warning: {len(short)} of {len(located)} queries keep fewer than "
+            f"{FEW_RESPONSE_TOKENS} response tokens within model.max_length={length} (first: "
+            f"{short[0]}): shorten their prompts or raise model.max_length")
+    return cut
+
+
+def _check_prompts(located: list[tuple[str, dict]], tokenizer, cfg: LancetConf) -> None:
+    """Each prompt renders with the chat template, as generation will render it."""
+    for where, row in located:
+        try:
+            prompt_ids(tokenizer, row["prompt"], turns=turns_of(row.get(TURNS)),
+                       template=cfg.data.template)
+        except ChatTemplateError as err:
+            raise DataError(f"{where}: {err}") from err
+
+
 def _check_lengths(rows: list[dict], tokenizer, cfg: LancetConf, key: str) -> dict:
     stats = {"rows": 0, "tokens": 0, "truncated": 0}
-    for _ in _checked(rows, tokenizer, cfg, key, stats):
+    located = ((f"{key}, row {number}", row) for number, row in enumerate(rows))
+    for _ in _checked(located, tokenizer, cfg, stats):
         pass
     return stats
 
@@ -119,5 +197,6 @@ def _write(out: Prepared, model_path: str | None, train, queries, evals, clean, 
             "queries": len(queries), "eval_prompts": len(evals)}
     out.info_file.write_text(json.dumps(info, indent=2))
     return {"data/train_rows": stats["rows"], "data/train_tokens": stats["tokens"],
-            "data/truncated": stats["truncated"], "data/queries": len(queries)}
+            "data/truncated": stats["truncated"], "data/queries": len(queries),
+            "data/queries_truncated": stats.get("queries_truncated", 0)}
 
