@@ -52,14 +52,18 @@ class DataError(UserError):
 
 
 def resolve_files(spec: str, key: str) -> list[Path]:
-    """A file, a directory of data files, or a glob → sorted list of files."""
+    """A file, a directory of data files, or a glob → sorted list of files. A directory's other
+    files are refused, not skipped (hidden ones and ``_SUCCESS``-style markers aside): a
+    ``part.csv`` next to the Parquet files would otherwise drop its rows without a word."""
     if not spec:
         raise DataError(f"{key} is empty: give a Parquet/JSONL file, a directory or a glob")
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in SUFFIXES)
+        files = sorted(p for p in path.iterdir() if is_data_file(p))
+        _refuse_others(path, key, [p for p in path.iterdir()
+                                   if not is_data_file(p) and not p.name.startswith((".", "_"))])
     elif any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec) if Path(p).suffix in SUFFIXES)
+        files = sorted(Path(p) for p in glob.glob(spec) if is_data_file(Path(p)))
     elif path.is_file():
         files = [path]
     else:
@@ -69,9 +73,27 @@ def resolve_files(spec: str, key: str) -> list[Path]:
     return files
 
 
+def is_data_file(path: Path) -> bool:
+    """A file LANCET reads (the suffix in any case: ``B.JSONL`` too)."""
+    return path.suffix.lower() in SUFFIXES and path.is_file()
+
+
+def is_parquet(path: Path) -> bool:
+    return path.suffix.lower() == ".parquet"
+
+
+def _refuse_others(folder: Path, key: str, others: list[Path]) -> None:
+    if others:
+        names = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in others)[:5])
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        raise DataError(f"{key}={folder}: LANCET reads {', '.join(SUFFIXES)} files, not {names}"
+                        f"{more} in this folder: move them out or give a glob such as "
+                        f"{folder / '*.parquet'}")
+
+
 def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(row number, raw dict) of one file, with parse errors naming the line."""
-    if path.suffix == ".parquet":
+    if is_parquet(path):
         try:
             table = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as err:
@@ -215,7 +237,7 @@ def iter_located(spec: str, fmt: str = "prompt_response", key: str = "data.train
     columns: tuple[Path, list[str]] | None = None
     count = 0
     for index, path in enumerate(files):
-        unit = "line" if path.suffix != ".parquet" else "row"
+        unit = "row" if is_parquet(path) else "line"
         names: set[str] = set()
         for row_no, item in iter_rows(path):
             where = f"{path}, {unit} {row_no}"
@@ -259,7 +281,7 @@ def _check_unique(row_id: str, seen: dict[str, int], files: list[Path], place: i
     if first != place:
         earlier = files[first >> 40]
         raise DataError(f"{where}, column 'id': duplicate id {row_id!r} (first at {earlier}, "
-                        f"{'line' if earlier.suffix != '.parquet' else 'row'} "
+                        f"{'row' if is_parquet(earlier) else 'line'} "
                         f"{first & (2 ** 40 - 1)})")
 
 

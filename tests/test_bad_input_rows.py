@@ -228,3 +228,21 @@ def test_a_nested_type_change_names_the_users_data(tmp_path, model_dirs):
     train = [{**ROWS[0], "tags": [1]}, {**ROWS[1], "tags": ["x"]}]
     with pytest.raises(DataError, match=r"data\.train=.*train\.jsonl: column 'tags' mixes types"):
         run_prepare(tmp_path, model_dirs(), train)
+
+
+def test_a_folder_is_read_whatever_the_case_of_its_suffixes(tmp_path):
+    jsonl(tmp_path / "a.jsonl", ROWS[:1])
+    jsonl(tmp_path / "b.JSONL", ROWS[1:])
+    (tmp_path / ".hidden").write_text("x")
+    (tmp_path / "_SUCCESS").write_text("")
+    assert [r["id"] for r in read_rows(str(tmp_path))] == ["a", "b"]
+
+
+def test_a_folder_holding_files_lancet_does_not_read_is_refused(tmp_path):
+    """A part.csv beside the JSONL would lose its rows without a word if it were skipped."""
+    jsonl(tmp_path / "a.jsonl", ROWS)
+    (tmp_path / "part.csv").write_text("id,prompt,response\n")
+    with pytest.raises(DataError, match=r"^data.train=.*: LANCET reads .parquet, .jsonl, .json "
+                                        r"files, not part.csv in this folder"):
+        read_rows(str(tmp_path))
+    assert [r["id"] for r in read_rows(str(tmp_path / "*.jsonl"))] == ["a", "b"]  # a glob
