@@ -46,6 +46,8 @@ class JudgeConfig:
 
 def _check_patterns(key: str, patterns: tuple[str, ...]) -> None:
     for pattern in patterns:
+        if not str(pattern).strip():
+            raise UserError(f"{key}: an empty pattern ({pattern!r}) matches every output")
         try:
             re.compile(pattern)
         except re.error as err:

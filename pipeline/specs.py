@@ -143,6 +143,9 @@ def _check_ranges(cfg: LancetConf) -> None:
         raise UserError(f"demo.bad_rate={cfg.demo.bad_rate}: must be in (0, 1]")
     if cfg.judge.max_new_tokens < 1:
         raise UserError(f"judge.max_new_tokens={cfg.judge.max_new_tokens}: must be >= 1")
+    if cfg.judge.max_new_tokens >= max_length_of(cfg):
+        raise UserError(f"judge.max_new_tokens={cfg.judge.max_new_tokens}: leaves no room for "
+                        f"the prompt within model.max_length={max_length_of(cfg)}")
     if not cfg.cluster.progress_every_s > 0:
         raise UserError(f"cluster.progress_every_s={cfg.cluster.progress_every_s}: must be > 0")
     if cfg.cluster.max_failures < -1:

@@ -26,7 +26,8 @@ def user_project(tmp_path_factory):
     args = (*BASE, "model=hf", f"model.path={model_dir}", "data=custom",
             f"data.train={root / 'train.jsonl'}", f"data.queries={root / 'queries.jsonl'}",
             f"data.eval={root / 'eval.jsonl'}", "judge=keyword",
-            "judge.patterns=[hide the evidence]", f"cache_dir={root / 'cache'}")
+            "judge.patterns=[hide the evidence]", "judge.max_new_tokens=24",
+            f"cache_dir={root / 'cache'}")
     return root, args
 
 

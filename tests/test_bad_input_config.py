@@ -119,3 +119,14 @@ def test_a_classifier_judge_that_is_not_there_is_refused_at_start(model_dir, tmp
         specs.check_inputs(cfg)
     specs.check_inputs(_user(model_dir, "judge=classifier", f"judge.path={judge}",
                              "judge.label=toxic"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("judge.patterns=['']", r"^judge.patterns: an empty pattern \(''\) matches every output$"),
+    ("judge.refusal_patterns=[' ']", r"^judge.refusal_patterns: an empty pattern"),
+    ("judge.max_new_tokens=64", r"^judge.max_new_tokens=64: leaves no room for the prompt "
+                                r"within model.max_length=64$"),
+])
+def test_a_judge_that_would_flag_everything_or_read_no_prompt_is_refused(override, message):
+    with pytest.raises(UserError, match=message):
+        specs.validate(compose_typed([override]))

@@ -14,7 +14,9 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir
           if g.is_dir() and g.name != "deepspeed" and not g.name.startswith("_")}
 USER_DATA = ["data.train=t", "data.queries=q"]
 REQUIRED = {"model=hf": ["model.path=/m", *USER_DATA], "data=custom": USER_DATA,
-            "judge=keyword": ["judge.patterns=[x]"], "judge=classifier": ["judge.path=/c"]}
+            # the user's judges generate 64 tokens: more than the demo's whole context
+            "judge=keyword": ["judge.patterns=[x]", *USER_DATA],
+            "judge=classifier": ["judge.path=/c", *USER_DATA]}
 register()
 
 
