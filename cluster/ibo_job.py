@@ -92,9 +92,13 @@ def _policy(spec: IBOSpec, device: str, dtype: str):
     if spec.lora.enabled:
         from peft import LoraConfig, get_peft_model
         targets = list(spec.lora.target_modules) or "all-linear"
-        model = get_peft_model(model, LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,
-                                                 lora_dropout=spec.lora.dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha,
+                            lora_dropout=spec.lora.dropout, target_modules=targets,
+                            task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, config)
+        except ValueError as err:  # peft's "target modules … not found" (the start check's too)
+            raise UserError(f"ibo.lora.target_modules={targets}: {err}") from err
     return model.eval()  # no dropout: the reference was evaluated the same way
 
 
