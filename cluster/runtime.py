@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,13 +103,36 @@ def _init(config: ClusterConfig, address: str | None) -> None:
     import ray
     env_vars = {**WORKER_ENV, "OMP_NUM_THREADS": str(config.threads_per_worker)}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+        key = "cluster.address" if config.address else "RAY_ADDRESS"
+        check_reachable(address, key)
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+        except (ConnectionError, TimeoutError, ValueError) as err:
+            raise UserError(f"{key}={address}: cannot join the Ray cluster there ({err})"
+                            ) from err
     else:
         env = {"env_vars": {**env_vars, **SINGLE_MACHINE}}
         # "local": a new Ray of our own, even if another local cluster is running
         ray.init(address="local", num_cpus=config.local_cpus, runtime_env=env,
                  include_dashboard=False,
                  log_to_driver=False)  # workers' logs stay in Ray's session folder
+
+
+def check_reachable(address: str, key: str, timeout_s: float = 10.0) -> None:
+    """A ``host:port`` or ``ray://host:port`` where nothing answers fails here, at once:
+    ``ray.init`` retries such an address without end (a run sat for minutes printing
+    "Failed to get cluster ID from GCS server"). ``auto`` is Ray's own to resolve."""
+    if address == "auto":
+        return
+    target = address.split("://", 1)[-1]  # ray://, or any scheme Ray accepts
+    host, _, port = target.rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{key}={address}: expected host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(f"{key}={address}: no Ray cluster answers there ({err.strerror or err})"
+                        ) from err
 
 
 def storage_uri(path: str | Path) -> str:

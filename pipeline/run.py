@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import socket
 import sys
 import traceback
 from dataclasses import asdict
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
@@ -66,6 +68,10 @@ def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: s
     specs.validate(cfg)
     stages = select_until(STAGES, cfg.pipeline.until)
     specs.check_inputs(cfg, corrects="ibo" in {s.name for s in stages})
+    for key in ("output_dir", "cache_dir"):
+        _check_folder(key, Path(getattr(cfg, key)))
+    if cfg.mlflow.enabled:
+        _check_tracking_server(tracking_uri(cfg, sweep))
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)  # an unwritable output fails before anything
     if set(to_compute(stages, cfg)) & set(CLUSTER_STAGES):  # a cached run starts no Ray
@@ -98,6 +104,32 @@ def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: s
         raise TrackingError(f"the MLflow tracking store {tracker.uri} failed: {tracker.failure}; "
                             f"stage results are kept in {Path(cfg.cache_dir).resolve()}")
     return {"results": results, "run_id": run_id, "tracking_uri": tracker.uri}
+
+
+def _check_folder(key: str, path: Path) -> None:
+    """``path`` is, or can become, a folder: no file stands at it or above it."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == path else f" ({part} is a file)"
+                raise UserError(f"{key}={path}: a file, not a folder{where}")
+            return
+
+
+def _check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
+    """An MLflow server where nothing answers fails the run at start: MLflow's client retries
+    each request with back-off (a run sat 4 minutes before its first stage), then every stage
+    ran unlogged."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as err:
+        raise TrackingError(f"the MLflow tracking store {uri} does not answer "
+                            f"({err.strerror or err}); start it, or set mlflow.tracking_uri "
+                            "(empty: a local store) or mlflow.enabled=false") from err
 
 
 def run_from_hydra(cfg) -> int:

@@ -130,3 +130,56 @@ def test_a_classifier_judge_that_is_not_there_is_refused_at_start(model_dir, tmp
 def test_a_judge_that_would_flag_everything_or_read_no_prompt_is_refused(override, message):
     with pytest.raises(UserError, match=message):
         specs.validate(compose_typed([override]))
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("address, message", [
+    ("127.0.0.1:{port}", r"^cluster.address=127.0.0.1:\d+: no Ray cluster answers there"),
+    ("ray://127.0.0.1:{port}", r"^cluster.address=ray://127.0.0.1:\d+: no Ray cluster answers"),
+    ("garbage", r"^cluster.address=garbage: expected host:port, ray://host:port or auto$"),
+])
+def test_a_ray_address_where_nothing_answers_fails_at_once(address, message):
+    """(ray.init used to retry such an address for minutes, printing GCS time-outs.)"""
+    from cluster.runtime import ClusterConfig, connect
+    with pytest.raises(UserError, match=message):
+        connect(ClusterConfig(address=address.format(port=_closed_port())))
+
+
+def test_a_listening_address_passes_the_reachability_check():
+    import socket
+
+    from cluster.runtime import check_reachable
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_reachable(f"127.0.0.1:{server.getsockname()[1]}", "cluster.address")
+
+
+@pytest.mark.parametrize("key", ["output_dir", "cache_dir"])
+@pytest.mark.parametrize("below", [False, True])
+def test_an_output_or_cache_folder_that_is_a_file_is_refused_naming_the_key(tmp_path, key, below):
+    """(Was a FileExistsError / NotADirectoryError traceback, exit 1.)"""
+    from pipeline.run import run_pipeline
+    (tmp_path / "f").write_text("x")
+    path = tmp_path / "f" / "sub" if below else tmp_path / "f"
+    cfg = compose_typed(["mlflow.enabled=false"])
+    setattr(cfg, key, str(path))  # (compose_typed fixes both folders)
+    with pytest.raises(UserError, match=rf"^{key}={path}: a file, not a folder"):
+        run_pipeline(cfg, {})
+
+
+def test_an_mlflow_server_where_nothing_answers_fails_before_any_stage(tmp_path):
+    """(MLflow's client retried for 4 minutes, then every stage ran unlogged.)"""
+    from pipeline.run import TrackingError, run_pipeline
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    cfg = compose_typed([f"mlflow.tracking_uri={uri}"])
+    cfg.output_dir, cfg.cache_dir = str(tmp_path / "o"), str(tmp_path / "c")
+    with pytest.raises(TrackingError, match=rf"^the MLflow tracking store {uri} does not answer"):
+        run_pipeline(cfg, {})
+    assert not (tmp_path / "c").exists()
