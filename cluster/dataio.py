@@ -43,6 +43,7 @@ from operators.errors import UserError
 FORMATS = ("prompt_response", "hh_rlhf", "beavertails")
 SUFFIXES = (".parquet", ".jsonl", ".json")
 ASSISTANT = "\n\nAssistant:"
+HUMAN = re.compile(r"(?:^|\n\n)Human:")
 ROLES = ("system", "user", "assistant", "tool")
 CHUNK_ROWS = 8192  # rows turned into Arrow at a time when writing
 
@@ -143,14 +144,25 @@ def _text(item: dict, column: str, where: str, required: bool = True) -> str | N
     return value
 
 
-def _split_dialogue(text: str, where: str, column: str) -> tuple[str, str]:
+def _split_dialogue(text: str, where: str, column: str, require_response: bool = True
+                    ) -> tuple[str, str | None]:
+    """(prompt up to the last Assistant turn, that turn's text). The dialogue must end with
+    that turn (a Human turn after it would be trained on as the response) and hold a Human
+    turn with text before it; the turn may be empty where no response is required (eval)."""
     cut = text.rfind(ASSISTANT)
     if cut < 0:
         raise DataError(f"{where}, column '{column}': no '\\n\\nAssistant:' turn")
     prompt, response = text[:cut + len(ASSISTANT)], text[cut + len(ASSISTANT):].strip()
-    if not response:
+    if HUMAN.search("\n\n" + response):
+        raise DataError(f"{where}, column '{column}': the dialogue ends with a Human turn; its "
+                        "last turn must be the Assistant's response")
+    humans = [t.strip() for t in HUMAN.split(prompt[:cut])[1:]]
+    if not humans or not humans[-1].split(ASSISTANT)[0].strip():
+        raise DataError(f"{where}, column '{column}': no Human turn with text before the last "
+                        "Assistant turn")
+    if not response and require_response:
         raise DataError(f"{where}, column '{column}': the last Assistant turn is empty")
-    return prompt, response
+    return prompt, response or None
 
 
 def _dialogue_turns(prompt: str) -> dict:
@@ -168,7 +180,8 @@ def _dialogue_turns(prompt: str) -> dict:
 def normalise(item: dict, fmt: str, where: str, require_response: bool) -> dict:
     """One raw row → ``id``-less normalised dict (prompt, response, passthrough columns)."""
     if fmt == "hh_rlhf":
-        prompt, response = _split_dialogue(_text(item, "chosen", where), where, "chosen")
+        prompt, response = _split_dialogue(_text(item, "chosen", where), where, "chosen",
+                                           require_response)
         rest = {k: v for k, v in item.items() if k != "chosen"}
         return {**rest, "prompt": prompt, "response": response, **_dialogue_turns(prompt)}
     if fmt == "prompt_response" and "messages" in item and not {"prompt", "response"} & set(item):

@@ -246,3 +246,25 @@ def test_a_folder_holding_files_lancet_does_not_read_is_refused(tmp_path):
                                         r"files, not part.csv in this folder"):
         read_rows(str(tmp_path))
     assert [r["id"] for r in read_rows(str(tmp_path / "*.jsonl"))] == ["a", "b"]  # a glob
+
+
+@pytest.mark.parametrize("chosen, message", [
+    ("\n\nHuman: hi\n\nAssistant: sure\n\nHuman: and then?",
+     "the dialogue ends with a Human turn"),
+    ("\n\nAssistant: sure", "no Human turn with text before the last Assistant turn"),
+    ("\n\nHuman:  \n\nAssistant: sure", "no Human turn with text before the last Assistant turn"),
+])
+def test_an_hh_rlhf_dialogue_not_ending_in_an_answer_to_a_human_is_refused(tmp_path, chosen,
+                                                                           message):
+    """(A trailing Human turn used to be trained on as part of the response.)"""
+    path = jsonl(tmp_path / "hh.jsonl", [{"chosen": chosen}])
+    with pytest.raises(DataError, match=rf"hh.jsonl, line 1, column 'chosen': {message}"):
+        read_rows(str(path), "hh_rlhf")
+
+
+def test_an_hh_rlhf_eval_prompt_may_leave_the_answer_out(tmp_path):
+    path = jsonl(tmp_path / "hh.jsonl", [{"chosen": "Human: hi\n\nAssistant:"}])
+    row, = read_rows(str(path), "hh_rlhf", "data.eval", require_response=False)
+    assert row["response"] is None and row["prompt"] == "Human: hi\n\nAssistant:"
+    with pytest.raises(DataError, match="the last Assistant turn is empty"):
+        read_rows(str(path), "hh_rlhf")
