@@ -90,3 +90,5 @@ def test_report_plots_harmful_vs_clean_and_the_relearning_curve(tmp_path):
     assert (tmp_path / "undesirable_rate.png").stat().st_size > 1000
     assert (tmp_path / "relearning.png").stat().st_size > 1000
     report._relearning(json.loads(json.dumps({})), tmp_path / "none")  # nothing, no error
+    report._rates({}, tmp_path / "none")  # nothing evaluated (no data.eval): no empty chart
+    assert not (tmp_path / "none").exists()

@@ -108,6 +108,10 @@ def run(ctx: StageContext) -> dict:
     judge = Judge(judge_config(cfg.judge))
     prompts = _rows(prepared.eval_prompts)
     clean = _rows(prepared.clean_eval)
+    if not prompts and not clean:
+        ctx.log("warning: evaluate: no prompts to generate on (data.eval and data.clean_eval "
+                "are empty): no undesirable, refusal or perplexity figures; give data.eval "
+                "(and a judge) to measure the correction")
     metrics = detection(ctx.input("select"), prepared.label_column())
     results = _evaluate_on_workers(ctx, prepared.model_dir(), prompts, clean)
     before, gens_before = _model_metrics(results["before"], prompts, judge, "before")

@@ -57,6 +57,8 @@ def _rates(metrics, out) -> None:
     """Before/after: the undesirable rate on harmful prompts beside the refusal rate on clean
     ones (a correction that refuses everything scores 0 on the first and 1 on the second)."""
     shown = [(key, label) for key, label in RATES if _number(metrics.get(f"{key}_before"))]
+    if not shown:  # nothing was evaluated (no data.eval, no data.clean_eval): no empty chart
+        return
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for i, (key, _) in enumerate(shown):
         before, after = metrics[f"{key}_before"], metrics.get(f"{key}_after", float("nan"))
@@ -68,8 +70,7 @@ def _rates(metrics, out) -> None:
     ax.set_xticks(range(len(shown)), [label for _, label in shown])
     ax.set_ylabel("share of prompts")
     ax.set_ylim(0, 1.05)
-    if shown:
-        ax.legend()
+    ax.legend()
     fig.tight_layout()
     fig.savefig(out / "undesirable_rate.png", dpi=110)
     plt.close(fig)
