@@ -41,6 +41,8 @@ from cluster.cells import (
 from operators.errors import UserError
 
 FORMATS = ("prompt_response", "hh_rlhf", "beavertails")
+# beavertails' ground truth (``not is_safe``): the label column unless data.label_column is set
+BEAVERTAILS_LABEL = "contaminated"
 SUFFIXES = (".parquet", ".jsonl", ".json")
 ASSISTANT = "\n\nAssistant:"
 HUMAN = re.compile(r"(?:^|\n\n)Human:")
@@ -192,7 +194,10 @@ def normalise(item: dict, fmt: str, where: str, require_response: bool) -> dict:
     if fmt == "beavertails":
         if not isinstance(item.get("is_safe"), bool):
             raise DataError(f"{where}, column 'is_safe': missing or not a boolean")
-        out["contaminated"] = not item["is_safe"]
+        if BEAVERTAILS_LABEL in item:
+            raise DataError(f"{where}, column '{BEAVERTAILS_LABEL}': the name is reserved "
+                            "(data.format=beavertails writes it from 'is_safe'); rename the column")
+        out[BEAVERTAILS_LABEL] = not item["is_safe"]
     return out
 
 

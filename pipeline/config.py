@@ -317,6 +317,9 @@ def resolve_defaults(cfg: LancetConf) -> LancetConf:
     values the user set stay as set."""
     demo = not cfg.data.train
     cfg.model.max_length = max_length_of(cfg)
+    if not demo and cfg.data.format == "beavertails" and not cfg.data.label_column:
+        from cluster.dataio import BEAVERTAILS_LABEL
+        cfg.data.label_column = BEAVERTAILS_LABEL  # its ground truth, for detection metrics
     if demo and cfg.model.path:
         raise UserError(f"model.path={cfg.model.path}: data.train is empty (the demo builds its "
                          "own model); give data.train and data.queries with your model")

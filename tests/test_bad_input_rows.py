@@ -268,3 +268,20 @@ def test_an_hh_rlhf_eval_prompt_may_leave_the_answer_out(tmp_path):
     assert row["response"] is None and row["prompt"] == "Human: hi\n\nAssistant:"
     with pytest.raises(DataError, match="the last Assistant turn is empty"):
         read_rows(str(path), "hh_rlhf")
+
+
+def test_beavertails_ground_truth_is_the_label_column_and_cannot_be_overwritten(tmp_path):
+    """``not is_safe`` is written as ``contaminated`` and labels the rows for detection unless
+    data.label_column names another column; a user column of that name was overwritten."""
+    from test_configs import compose_typed
+    rows = [{"prompt": "p", "response": "r", "is_safe": False}]
+    row, = read_rows(str(jsonl(tmp_path / "bt.jsonl", rows)), "beavertails")
+    assert row["contaminated"] is True
+    clash = jsonl(tmp_path / "clash.jsonl", [{**rows[0], "contaminated": "mine"}])
+    with pytest.raises(DataError, match=r"clash.jsonl, line 1, column 'contaminated': the name "
+                                        r"is reserved \(data.format=beavertails writes it"):
+        read_rows(str(clash), "beavertails")
+    user = ["model.path=/m", "data.train=t", "data.queries=q", "data.format=beavertails"]
+    assert compose_typed(user).data.label_column == "contaminated"
+    assert compose_typed([*user, "data.label_column=mine"]).data.label_column == "mine"
+    assert compose_typed(["data.train=t", "data.queries=q"]).data.label_column == ""
