@@ -62,8 +62,9 @@ def resolve_files(spec: str, key: str) -> list[Path]:
         raise DataError(f"{key} is empty: give a Parquet/JSONL file, a directory or a glob")
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if is_data_file(p))
-        _refuse_others(path, key, [p for p in path.iterdir()
+        entries = list(path.iterdir())
+        files = sorted(p for p in entries if is_data_file(p))
+        _refuse_others(path, key, [p for p in entries
                                    if not is_data_file(p) and not p.name.startswith((".", "_"))])
     elif any(ch in spec for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(spec) if is_data_file(Path(p)))

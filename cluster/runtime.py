@@ -128,11 +128,18 @@ def check_reachable(address: str, key: str, timeout_s: float = 10.0) -> None:
     host, _, port = target.rstrip("/").rpartition(":")
     if not host or not port.isdigit():
         raise UserError(f"{key}={address}: expected host:port, ray://host:port or auto")
+    why = unreachable(host.strip("[]"), int(port), timeout_s)
+    if why:
+        raise UserError(f"{key}={address}: no Ray cluster answers there ({why})")
+
+
+def unreachable(host: str, port: int, timeout_s: float = 10.0) -> str | None:
+    """Why nothing accepts a TCP connection at ``host:port`` (None: something does)."""
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as err:
-        raise UserError(f"{key}={address}: no Ray cluster answers there ({err.strerror or err})"
-                        ) from err
+        return str(err.strerror or err)
+    return None
 
 
 def storage_uri(path: str | Path) -> str:

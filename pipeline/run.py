@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import sys
 import traceback
 from dataclasses import asdict
@@ -14,7 +13,7 @@ from urllib.parse import urlparse
 
 from omegaconf import OmegaConf
 
-from cluster.runtime import connect
+from cluster.runtime import connect, unreachable
 from cluster.tracking import Tracker
 from operators.errors import UserError
 from pipeline import specs
@@ -124,12 +123,11 @@ def _check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
-    except OSError as err:
-        raise TrackingError(f"the MLflow tracking store {uri} does not answer "
-                            f"({err.strerror or err}); start it, or set mlflow.tracking_uri "
-                            "(empty: a local store) or mlflow.enabled=false") from err
+    why = unreachable(parsed.hostname, port, timeout_s)
+    if why:
+        raise TrackingError(f"the MLflow tracking store {uri} does not answer ({why}); start "
+                            "it, or set mlflow.tracking_uri (empty: a local store) or "
+                            "mlflow.enabled=false")
 
 
 def run_from_hydra(cfg) -> int:
