@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 from omegaconf import OmegaConf
 
 from cluster.runtime import connect, unreachable
-from cluster.tracking import Tracker
+from cluster.tracking import Tracker, tracking_schemes
 from operators.errors import UserError
 from pipeline import specs
 from pipeline.config import LancetConf, to_typed
@@ -23,6 +23,7 @@ from pipeline.faults import EXIT_CODE, write_fault
 from pipeline.records import CacheError
 from pipeline.stages.table import CLUSTER_STAGES, STAGES
 from pipeline.summary import summary
+from pipeline.sweep_check import check_sweep
 
 log = logging.getLogger("lancet")
 USER_ERRORS = (UserError, FileNotFoundError)
@@ -73,6 +74,9 @@ def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: s
         _check_tracking_server(tracking_uri(cfg, sweep))
     output = Path(cfg.output_dir)
     output.mkdir(parents=True, exist_ok=True)  # an unwritable output fails before anything
+    tracker = Tracker(tracking_uri(cfg, sweep), cfg.mlflow.experiment, cfg.mlflow.enabled)
+    if tracker.failure is not None:  # a store that cannot even open fails before any stage
+        raise TrackingError(_unopened(tracker.uri, tracker.failure))
     if set(to_compute(stages, cfg)) & set(CLUSTER_STAGES):  # a cached run starts no Ray
         connect(specs.cluster(cfg))  # fails at once if the workers can never be placed
     log.info(f"output_dir: {output.resolve()}")
@@ -87,7 +91,6 @@ def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: s
     def publish_config() -> None:
         shutil.copyfile(config_file, output / "config.yaml")
 
-    tracker = Tracker(tracking_uri(cfg, sweep), cfg.mlflow.experiment, cfg.mlflow.enabled)
     try:
         with tracker.parent(name, resolved, config_file, sweep) as run_id:
             results = run_dag(stages, cfg, tracker, log.info, publish_config)
@@ -130,10 +133,22 @@ def _check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
                             "mlflow.enabled=false")
 
 
+def _unopened(uri: str, failure: str) -> str:
+    """Why the store at ``uri`` did not open, naming the key (an unknown scheme: MLflow says
+    only the scheme's name)."""
+    scheme = urlparse(uri).scheme
+    known = tracking_schemes()
+    why = (f"MLflow has no tracking store for the scheme {scheme!r} (it knows "
+           f"{', '.join(s for s in known if s)})" if known and scheme not in known else failure)
+    return (f"the MLflow tracking store {uri} cannot be opened ({why}); fix mlflow.tracking_uri "
+            "(empty: a local store) or set mlflow.enabled=false")
+
+
 def run_from_hydra(cfg) -> int:
     """Entry used by ``python -m pipeline``; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="[lancet] %(message)s", force=True)
     try:
+        check_sweep()  # a multirun's first job checks every job before any runs
         typed = to_typed(cfg)
         resolved = asdict(typed)  # what the run uses: demo-only defaults already resolved
         out = run_pipeline(typed, resolved, *hydra_run())

@@ -99,12 +99,13 @@ def test_a_sweep_over_alpha_and_batch_size_reuses_the_factors_and_scores_once_pe
         cache, tmp_path):
     """A cache holding the demo's prepared data and factors (a fresh fit costs a Ray Train
     job, about 35 s here): the four jobs fit nothing, since the factors' key holds neither α
-    nor the batch size, and score once per batch size."""
+    nor the batch size, and score once per batch size. ``output_dir`` names the sweep's
+    folder: job n writes its n-th subfolder."""
     from mlflow.tracking import MlflowClient
     sweep = tmp_path / "sweep"
     fresh = copy_cache(cache, tmp_path / "cache", stages=("prepare", "fit_factors"))
     run_cli("-m", *DEMO, "pipeline.until=select", "influence.alpha=0.5,0.9",
-            "influence.query_batch_size=1,8", f"cache_dir={fresh}", f"hydra.sweep.dir={sweep}")
+            "influence.query_batch_size=1,8", f"cache_dir={fresh}", f"output_dir={sweep}")
     jobs = sorted(p for p in sweep.iterdir() if (p / "run.json").is_file())
     assert len(jobs) == 4
     assert not [j for j in jobs if "fit_factors" in computed(j)]
