@@ -65,6 +65,9 @@ class Tracker:
         if enabled:
             import mlflow
             self.mlflow = mlflow
+            # MLflow's SQL store logs each database error with its trace before raising it;
+            # the error reaches the user as this tracker's one line (warning, then exit 3)
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
             self.experiment_id = self._call(self._open, tracking_uri, experiment)
 
     def _open(self, tracking_uri: str, experiment: str) -> str:
@@ -209,6 +212,16 @@ class Tracker:
                    transformers_model=parts, name=path.name, task="text-generation",
                    registered_model_name=registered_name,
                    pip_requirements=["torch", "transformers"])
+
+
+def tracking_schemes() -> list[str]:
+    """The URI schemes this MLflow has a tracking store for ("" is a local path); empty when
+    its registry cannot be read (a private API, so any MLflow version still runs)."""
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+        return sorted(_tracking_store_registry._registry)
+    except Exception:  # noqa: BLE001 - only the message's detail depends on it
+        return []
 
 
 def store_cause(err: BaseException) -> str:

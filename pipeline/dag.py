@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,6 +28,8 @@ from pipeline.config import LancetConf
 from pipeline.content import content_fingerprints
 from pipeline.faults import write_fault
 from pipeline.records import DONE
+
+TMP = ".tmp-"  # a stage's temporary folder: .<fingerprint>.tmp-<host>-<pid>
 
 
 @dataclass(frozen=True)
@@ -152,10 +155,11 @@ def _compute(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], final: Path
     ``<fingerprint>.partial`` is the stage's work folder: kept when the stage fails or is
     killed (scoring resumes from its shards), removed once the stage succeeded.
     """
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp = final.parent / f".{final.name}{TMP}{socket.gethostname()}-{os.getpid()}"
     work = final.parent / f"{final.name}.partial"
     began = time.perf_counter()
     try:
+        _remove_orphans(final.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         metrics = stage.run(StageContext(cfg, inputs, tmp, log, work, stage.name)) or {}
@@ -174,6 +178,25 @@ def _compute(stage: Stage, cfg: LancetConf, inputs: dict[str, Path], final: Path
         tmp.rename(final)
     shutil.rmtree(work, ignore_errors=True)
     return metrics
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Temporary stage folders that a killed run of this machine left (its process is gone);
+    another machine's, sharing the cache, are never touched."""
+    for tmp in folder.glob(f".*{TMP}{socket.gethostname()}-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _reuse(stage: Stage, final: Path, verify: str, log: Callable[[str], None]) -> dict | None:

@@ -183,3 +183,22 @@ def test_an_mlflow_server_where_nothing_answers_fails_before_any_stage(tmp_path)
     with pytest.raises(TrackingError, match=rf"^the MLflow tracking store {uri} does not answer"):
         run_pipeline(cfg, {})
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("uri, why", [
+    ("garbage://x", "MLflow has no tracking store for the scheme 'garbage' (it knows "),
+    ("sqlite:///{tmp}/f/mlflow.db", "cannot be opened ("),
+])
+def test_a_tracking_store_that_cannot_open_fails_before_any_stage(tmp_path, uri, why):
+    """(An unknown scheme ran every stage unlogged and failed at the end, saying only
+    'garbage'; so did a SQLite file under a file.)"""
+    from pipeline.run import TrackingError, run_pipeline
+    (tmp_path / "f").write_text("x")
+    uri = uri.format(tmp=tmp_path)
+    cfg = compose_typed([f"mlflow.tracking_uri={uri}"])
+    cfg.output_dir, cfg.cache_dir = str(tmp_path / "o"), str(tmp_path / "c")
+    with pytest.raises(TrackingError, match=rf"^the MLflow tracking store {uri} cannot be "
+                                            r"opened \(.*\); fix mlflow.tracking_uri") as err:
+        run_pipeline(cfg, {})
+    assert why in str(err.value)
+    assert not (tmp_path / "c").exists()

@@ -162,6 +162,27 @@ def test_a_stage_that_fails_half_way_leaves_no_output(tmp_path):
     assert list((tmp_path / "half").iterdir()) == []
 
 
+def test_a_killed_runs_temporary_stage_folder_is_removed_by_the_next_run(tmp_path):
+    """(A driver killed during a stage left its empty .<fp>.tmp-<pid> folder for good.) Only
+    this machine's folders whose process is gone: a live run's, or another machine's sharing
+    the cache, are kept."""
+    import socket
+
+    from pipeline.dag import Stage, run_stage
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    left = {name: tmp_path / "s" / f".{name}.tmp-{who}" for name, who in [
+        ("killed", f"{host}-{gone}"), ("live", f"{host}-{os.getppid()}"),
+        ("other", f"elsewhere-{gone}")]}
+    for folder in left.values():
+        folder.mkdir(parents=True)
+    stage = Stage("s", lambda ctx: (ctx.out / "f").write_text("x") and {}, (), (), "s")
+    run_stage(stage, None, {}, "fp", tmp_path, print)
+    assert not left["killed"].exists() and left["live"].is_dir() and left["other"].is_dir()
+    assert (tmp_path / "s" / "fp" / "f").read_text() == "x"
+
+
 @contextmanager
 def small_disk(where: Path, size: str, *options: str):
     """A tmpfs of ``size`` mounted at ``where`` (root only), or a skip saying why not."""
@@ -225,7 +246,16 @@ def test_a_full_disk_under_cache_and_output_ends_with_one_line(tmp_path):
 @pytest.mark.slow
 def test_a_full_mlflow_store_keeps_the_stage_results(tmp_path, demo_run):
     cache, out = copy_cache(demo_run[0], tmp_path / "cache"), tmp_path / "out"
-    with small_disk(tmp_path / "small", "64k") as disk:
+    # The store opens (a store that cannot open refuses the run before any stage) and fills on
+    # the run's first write: made elsewhere, with the experiment, then copied onto a disk of
+    # exactly its size.
+    from cluster.tracking import Tracker
+    made = tmp_path / "made" / "mlflow.db"
+    made.parent.mkdir()
+    assert Tracker(f"sqlite:///{made}", "lancet").failure is None
+    pages = -(-made.stat().st_size // 4096)
+    with small_disk(tmp_path / "small", f"{pages * 4}k") as disk:
+        shutil.copyfile(made, disk / "mlflow.db")
         proc = run_cli(*DEMO, "pipeline.until=select",
                        "influence.alpha=0.65", f"cache_dir={cache}", f"output_dir={out}",
                        f"mlflow.tracking_uri=sqlite:///{disk / 'mlflow.db'}", check=False)
