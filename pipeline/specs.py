@@ -182,6 +182,10 @@ def check_inputs(cfg: LancetConf, corrects: bool = True) -> None:
             check_lora_targets(cfg.model.path, cfg.ibo.lora.target_modules,
                                cfg.model.trust_remote_code)
     if corrects:
+        if cfg.ibo.method == "oracle" and cfg.data.train and not cfg.data.label_column:
+            raise UserError("ibo.method=oracle retrains on the truly clean rows: set "
+                            "data.label_column to the boolean column of data.train that marks "
+                            "the contaminated rows")
         from cluster.deepspeed_strategy import read_ds_config
         read_ds_config(deepspeed_path(cfg))
         if cfg.judge.kind == "classifier":

@@ -106,10 +106,11 @@ def test_missing_model_directory(user_project, tmp_path):
 def test_a_failing_stage_keeps_earlier_work_and_a_rerun_reuses_it(user_project, tmp_path):
     root, args = user_project
     args = (*args, "influence=gradsim")  # no factors to fit: the proof needs no curvature
-    # oracle needs ground truth the user's data does not have: the ibo stage refuses, after
+    # a learning rate that diverges is only found by training: the ibo stage refuses, after
     # prepare, fit_factors, score and select have finished
-    proc = run_cli(*args, "ibo=oracle", f"output_dir={tmp_path / 'bad'}", check=False)
-    assert proc.returncode == 2 and "ibo.method=oracle needs ['clean']" in proc.stderr
+    proc = run_cli(*args, "ibo.lr=1e6", f"output_dir={tmp_path / 'bad'}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the model diverged: lower ibo.lr" in proc.stderr
     for stage in ("prepare", "fit_factors", "score", "select"):
         assert list((root / "cache" / stage).glob("*/stage.json")), stage
     assert not list((root / "cache" / "ibo").glob("*/stage.json"))
@@ -125,6 +126,16 @@ def test_more_workers_than_the_cluster_can_place_fails_at_once(tmp_path):
     assert "cluster.num_workers=64 needs 64 workers x {CPU: 0.5}" in proc.stderr
     assert "the cluster has {CPU: 2, GPU: 0} on 1 node(s)" in proc.stderr
     assert not any(tmp_path.glob("prepare/*"))  # refused before any stage ran
+
+
+def test_oracle_without_ground_truth_is_refused_before_any_stage(user_project, tmp_path):
+    """(It was refused only at the ibo stage, after the four before it had run.)"""
+    root, args = user_project
+    proc = run_cli(*args, "ibo=oracle", f"output_dir={tmp_path / 'o'}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: ibo.method=oracle retrains on the truly clean rows: set data.label_column" \
+        in proc.stderr
+    assert "prepare" not in proc.stdout + proc.stderr.split("error:")[0]  # no stage started
 
 
 def test_model_folder_without_tokenizer_files_is_refused(user_project, tmp_path):

@@ -19,7 +19,7 @@ def run(ctx: StageContext) -> dict:
     names = spec.objective.objective.datasets
     missing = [n for n in names if not selection.set_file(n).is_file()]
     if missing:
-        hint = ("ibo.method=oracle needs data.label_column (ground truth)" if "clean" in missing
+        hint = ("it needs data.label_column (ground truth)" if "clean" in missing
                 else "the selection produced no such samples; adjust influence.alpha")
         raise UserError(f"ibo.method={spec.objective.method} needs {missing}: {hint}")
     connect(cluster)
