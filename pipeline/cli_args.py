@@ -56,7 +56,8 @@ def preflight(args: list[str]) -> None:
             continue
         if _sweeps(arg):
             continue
-        path = Path(value).expanduser()
+        # as it is used: only the storage path's "~" is expanded (pipeline.locations)
+        path = Path(value).expanduser() if key == "cluster.storage_path" else Path(value)
         for part in (path, *path.parents):
             if part.exists():
                 if not part.is_dir():

@@ -32,7 +32,9 @@ def check_jobs(jobs: list[list[str]]) -> None:
     """Compose and validate each job's config; refuse a literal ``output_dir`` that several
     jobs would share (each would overwrite the one before)."""
     from hydra import compose
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from pipeline import specs
     from pipeline.config import to_typed
@@ -41,7 +43,7 @@ def check_jobs(jobs: list[list[str]]) -> None:
         try:
             cfg = compose(config_name="config", overrides=job)
             specs.validate(to_typed(cfg))
-        except UserError as err:
+        except (UserError, HydraException, OmegaConfBaseException) as err:
             own = [o for o in job if not all(o in other for other in jobs)] or job
             raise UserError(f"sweep job {num} ({' '.join(own) or 'no overrides'}): {err}; no "
                             "job of the sweep was run") from err
