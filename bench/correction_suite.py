@@ -64,7 +64,7 @@ GRID = {"lr": (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 3e-3), "steps": (15, 30, 60)}
 ALTERNATIVES = {"ibo": ({"granularity": "token", "beta": 1.0},
                         {"granularity": "token", "beta": 3.0},
                         {"granularity": "sequence", "beta": 0.1})}
-ONE_AT_A_TIME = {"ibo": {"alpha": (0.6, 0.95), "beta": (0.3, 10.0), "gamma": (0.3, 3.0)},
+ONE_AT_A_TIME = {"ibo": {"alpha": (0.6, 0.95), "beta": (0.3, 10.0), "gamma": (0.3, 1.0, 3.0)},
                  "npo": {"alpha": (0.6, 0.95), "beta": (0.05, 0.5), "gamma": (0.3, 3.0)},
                  "simnpo": {"alpha": (0.6, 0.95), "beta": (1.0, 5.0), "gamma": (0.3, 3.0)},
                  "ga_kl": {"alpha": (0.6, 0.95), "gamma": (0.3, 3.0)}}
