@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from operators.errors import UserError
+from pipeline.locations import check_folder
 
 MULTIRUN_FLAGS = ("-m", "--multirun")
 # Folders given on the command line that Hydra (or Ray Train's storage) creates.
@@ -58,11 +58,6 @@ def preflight(args: list[str]) -> None:
             continue
         # as it is used: only the storage path's "~" is expanded (pipeline.locations)
         path = Path(value).expanduser() if key == "cluster.storage_path" else Path(value)
-        for part in (path, *path.parents):
-            if part.exists():
-                if not part.is_dir():
-                    where = "" if part == path else f" ({part} is a file)"
-                    raise UserError(f"{key}={value}: a file, not a folder{where}")
-                break
+        check_folder(key, path)
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryDirectory(dir=path).cleanup()  # writable, not only present

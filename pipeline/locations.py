@@ -33,6 +33,17 @@ def lancet_home(storage_path: str = "") -> str:
     return os.getcwd()
 
 
+def check_folder(key: str, path: Path) -> None:
+    """``path`` is, or can become, a folder: no file stands at it or above it."""
+    from operators.errors import UserError
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == path else f" ({part} is a file)"
+                raise UserError(f"{key}={path}: a file, not a folder{where}")
+            return
+
+
 def register_resolvers() -> None:
     """``${lancet_home:${cluster.storage_path}}`` in the YAML."""
     from omegaconf import OmegaConf

@@ -20,6 +20,7 @@ from pipeline import specs
 from pipeline.config import LancetConf, to_typed
 from pipeline.dag import run_dag, select_until, to_compute
 from pipeline.faults import EXIT_CODE, write_fault
+from pipeline.locations import check_folder
 from pipeline.records import CacheError
 from pipeline.stages.table import CLUSTER_STAGES, STAGES
 from pipeline.summary import summary
@@ -69,7 +70,7 @@ def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: s
     stages = select_until(STAGES, cfg.pipeline.until)
     specs.check_inputs(cfg, corrects="ibo" in {s.name for s in stages})
     for key in ("output_dir", "cache_dir"):
-        _check_folder(key, Path(getattr(cfg, key)))
+        check_folder(key, Path(getattr(cfg, key)))
     if cfg.mlflow.enabled:
         _check_tracking_server(tracking_uri(cfg, sweep))
     output = Path(cfg.output_dir)
@@ -106,16 +107,6 @@ def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: s
         raise TrackingError(f"the MLflow tracking store {tracker.uri} failed: {tracker.failure}; "
                             f"stage results are kept in {Path(cfg.cache_dir).resolve()}")
     return {"results": results, "run_id": run_id, "tracking_uri": tracker.uri}
-
-
-def _check_folder(key: str, path: Path) -> None:
-    """``path`` is, or can become, a folder: no file stands at it or above it."""
-    for part in (path, *path.parents):
-        if part.exists():
-            if not part.is_dir():
-                where = "" if part == path else f" ({part} is a file)"
-                raise UserError(f"{key}={path}: a file, not a folder{where}")
-            return
 
 
 def _check_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
