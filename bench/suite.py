@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(s.name)
         results.append(measure(s, not args.no_kronfluence))
-    draws = [] if args.no_draws or args.only else suite_draws.all_draws(results, log)
+    draws = [] if args.no_draws or args.only else suite_draws.all_draws(results, log, MAX_QUERIES)
     text = render(results, (time.time() - began) / 60, not args.no_kronfluence, draws)
     print(text)
     if not args.no_write:

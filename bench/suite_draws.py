@@ -17,10 +17,9 @@ from operators.scores import InfluenceConfig, aggregate
 
 DRAWS = (1, 2)
 SETTINGS = {"default": {}, "logodds_cap=1": {"logodds_cap": 1.0}}
-MAX_QUERIES = 8
 
 
-def measure_draw(seed: int, log) -> list[dict]:
+def measure_draw(seed: int, log, max_queries: int) -> list[dict]:
     """Per scenario of the draw: {"scenario", "split", "queries", setting: AUPRC}."""
     rows = []
     for s in (dataclasses.replace(s, seed=seed) for s in SUITE):
@@ -28,7 +27,7 @@ def measure_draw(seed: int, log) -> list[dict]:
         corpus, patterns = build(s)
         model, tok, queries = recall.trained(corpus, patterns, epochs=s.epochs, width=s.width,
                                              seed=s.seed)
-        queries = queries[:MAX_QUERIES]
+        queries = queries[:max_queries]
         row = {"scenario": s.name, "split": "held-out" if s.heldout else "dev",
                "queries": len(queries)}
         labels = [r["planted"] for r in corpus.train]
@@ -64,9 +63,10 @@ def first_draw(results: list[dict]) -> list[dict]:
             for r in results]
 
 
-def all_draws(results: list[dict], log) -> list[dict]:
-    """The medians of the main run (draw 0) and of every draw of ``DRAWS``."""
+def all_draws(results: list[dict], log, max_queries: int) -> list[dict]:
+    """The medians of the main run (draw 0) and of every draw of ``DRAWS``, each scenario with
+    the main run's ``max_queries``."""
     rows = medians(first_draw(results), "0 (above)")
     for seed in DRAWS:
-        rows += medians(measure_draw(seed, log), str(seed))
+        rows += medians(measure_draw(seed, log, max_queries), str(seed))
     return rows
