@@ -74,7 +74,8 @@ def yaml_settings(method: str) -> dict:
     conf = {**vars(IBOConf()),  # what the YAML leaves out: the schema's defaults
             **yaml.safe_load((PROJECT / "conf" / "ibo" / f"{method}.yaml").read_text())}
     loss = IBOLossConfig(beta=float(conf["beta"]), gamma=float(conf["gamma"]),
-                         delta=float(conf["delta"]), granularity=str(conf["granularity"]))
+                         delta=float(conf["delta"]), granularity=str(conf["granularity"]),
+                         rejected_tokens=str(conf["rejected_tokens"]))
     return {"loss": loss, "lr": float(conf["lr"]), "steps": int(conf["steps"]),
             "checkpoint_every": int(conf["checkpoint_every"]),
             "reinit": bool(conf.get("reinit", False))}

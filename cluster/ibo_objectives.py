@@ -26,6 +26,7 @@ from operators.ibo_loss import (
     ascent_loss,
     bregman_loss,
     correction_loss,
+    distinct_tokens,
     nll_loss,
     npo_loss,
     simnpo_loss,
@@ -156,9 +157,15 @@ def pairwise_term(step: Step):
     eps = torch.tensor([float(r["eps"]) for r in rows], device=step.device)
     beta = step.config.loss.beta
     if step.config.loss.granularity == "token":
+        mask_pos = pos["loss_mask"]
+        if step.config.loss.rejected_tokens == "distinct":
+            mask_pos = distinct_tokens(pos["input_ids"], mask_pos, neg["input_ids"],
+                                       neg["loss_mask"])
         cor, m = token_correction_loss(
             step.token_logp(pos), step.token_logp(neg), step.ref.token_logp(pos_cols, pos),
-            step.ref.token_logp(neg_cols, neg), pos["loss_mask"], neg["loss_mask"], eps, beta)
+            step.ref.token_logp(neg_cols, neg), mask_pos, neg["loss_mask"], eps, beta)
+        m["rewards/rejected_tokens_lowered"] = (mask_pos.bool().sum() /
+                                                pos["loss_mask"].bool().sum().clamp_min(1))
     else:
         cor, m = correction_loss(step.seq_logp(pos), step.seq_logp(neg),
                                  step.ref.seq_logp(pos_cols, pos),

@@ -17,6 +17,11 @@ down by z+'s least certain tokens (its opening) and the loss fades while the tok
 is sure of (a memorised phrase) are never lowered; at token level those keep their weight
 until they too fall below θs. β is then a per-token scale (sequence β ≈ token β / |y|).
 
+With ``rejected_tokens=distinct`` (the default) only the tokens of z+ that its z− lacks are
+lowered (``distinct_tokens``): the ones the two answers share (punctuation, the end of turn,
+common words, a shared opening) are not the behaviour, and lowering them in z+ lowered them
+everywhere (docs/METHOD.md section 5). A z+ with no token of its own keeps all of them.
+
 Unlearning baselines on the positive set D_IF+ (with γ · L_BR on D_IF0 as their retain term):
 
     L_NPO    = −(2/β) · log σ(−β · Δθ(z+))                        (Zhang et al. 2024)
@@ -38,22 +43,28 @@ from torch.nn import functional as F
 from operators.errors import UserError
 
 GRANULARITIES = ("token", "sequence")
+REJECTED_TOKENS = ("distinct", "all")
 
 
 @dataclass(frozen=True)
 class IBOLossConfig:
     """β scales the log-ratios, γ weighs the Bregman term, δ is SimNPO's reward margin;
-    ``granularity`` (ibo's L_COR only): its log-ratios per token or per sequence."""
+    ``granularity`` (ibo's L_COR only): its log-ratios per token or per sequence;
+    ``rejected_tokens`` (per token only): lower every token of z+ or those its z− lacks."""
 
     beta: float = 0.1
     gamma: float = 1.0
     delta: float = 0.0
     granularity: str = "sequence"
+    rejected_tokens: str = "distinct"
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise UserError(f"ibo.granularity={self.granularity!r}: expected one of "
                             f"{', '.join(GRANULARITIES)}")
+        if self.rejected_tokens not in REJECTED_TOKENS:
+            raise UserError(f"ibo.rejected_tokens={self.rejected_tokens!r}: expected one of "
+                            f"{', '.join(REJECTED_TOKENS)}")
         if not self.beta > 0:
             raise UserError(f"ibo.beta={self.beta}: must be > 0")
         if not self.gamma >= 0:
@@ -105,6 +116,21 @@ def token_correction_loss(policy_pos: Tensor, policy_neg: Tensor, ref_pos: Tenso
                "logps/chosen": torch.where(mask_neg, policy_neg, 0).sum(1).detach().mean(),
                "logps/rejected": torch.where(mask_pos, policy_pos, 0).sum(1).detach().mean()}
     return losses, metrics
+
+
+def distinct_tokens(pos_ids: Tensor, mask_pos: Tensor, neg_ids: Tensor, mask_neg: Tensor
+                    ) -> Tensor:
+    """z+'s loss mask ``[P, T+]`` without the tokens that also occur in its z−'s loss mask.
+
+    A row whose every token also occurs in z− keeps its whole mask (its pair must still move).
+    """
+    mask_pos, mask_neg = mask_pos.bool(), mask_neg.bool()
+    keep = torch.zeros_like(mask_pos)
+    for i in range(pos_ids.shape[0]):  # one [T+, T−]-free membership test per pair
+        shared = torch.isin(pos_ids[i], neg_ids[i][mask_neg[i]])
+        own = mask_pos[i] & ~shared
+        keep[i] = own if bool(own.any()) else mask_pos[i]
+    return keep
 
 
 def topk_reference(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

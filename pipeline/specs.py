@@ -118,9 +118,9 @@ def ibo_spec(cfg: LancetConf, model_path: str) -> IBOSpec:
     ds_path = deepspeed_path(cfg)
     lora = LoraSpec(enabled=b.lora.enabled, r=b.lora.r, alpha=b.lora.alpha, dropout=b.lora.dropout,
                     target_modules=tuple(b.lora.target_modules), save=b.lora.save)
-    objective = ObjectiveConfig(method=b.method, loss=IBOLossConfig(beta=b.beta, gamma=b.gamma,
-                                                                    delta=b.delta,
-                                                                    granularity=b.granularity),
+    loss = IBOLossConfig(beta=b.beta, gamma=b.gamma, delta=b.delta, granularity=b.granularity,
+                         rejected_tokens=b.rejected_tokens)
+    objective = ObjectiveConfig(method=b.method, loss=loss,
                                 bregman_topk=b.bregman_topk, tokenize=tokenize(cfg))
     return IBOSpec(model_path=model_path, deepspeed_config=str(ds_path), objective=objective,
                    steps=b.steps, lr=b.lr, batch_size=b.batch_size,

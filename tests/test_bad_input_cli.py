@@ -42,6 +42,7 @@ BAD_VALUES = [
     ("influence.damping=-1.0", "influence.damping=-1.0: must be >= 0"),
     ("ibo.beta=0", "ibo.beta=0.0: must be > 0"),
     ("ibo.granularity=word", "ibo.granularity='word': expected one of token, sequence"),
+    ("ibo.rejected_tokens=some", "ibo.rejected_tokens='some': expected one of distinct, all"),
 ]
 
 

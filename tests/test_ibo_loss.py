@@ -5,10 +5,12 @@ import pytest
 import torch
 from tiny_models import random_batch, tiny_model
 
+from operators.errors import UserError
 from operators.ibo_loss import (
     IBOLossConfig,
     bregman_loss,
     correction_loss,
+    distinct_tokens,
     token_correction_loss,
     topk_reference,
 )
@@ -78,6 +80,25 @@ def test_token_cor_keeps_pushing_a_sure_token_after_the_others_fell():
     (seq_grad,) = torch.autograd.grad(seq.sum(), ratio)
     assert float(tok_grad[0, 1]) > 0.4 and float(tok_grad[0, 0]) < 1e-4  # the phrase, not the opening
     assert float(seq_grad[0, 1]) < 1e-4  # sequence level: the phrase's gradient is gone too
+
+
+def test_distinct_tokens_drops_what_z_minus_also_says_and_keeps_a_row_with_nothing_else():
+    pos = torch.tensor([[5, 7, 8, 9, 2, 0], [5, 3, 4, 2, 0, 0]])
+    mask_pos = torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 0, 0]])  # prompt 5, padding 0
+    neg = torch.tensor([[5, 7, 2, 0], [5, 3, 4, 2]])  # z−: 7 and the end of turn 2; 3, 4 and 2
+    mask_neg = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]])
+    keep = distinct_tokens(pos, mask_pos, neg, mask_neg)
+    assert keep.tolist()[0] == [False, False, True, True, False, False]  # 8, 9: z+'s own
+    assert keep[1].tolist() == mask_pos[1].bool().tolist()  # all shared: the pair still moves
+    # a token in z−'s prompt only (5) is not shared: only z−'s loss-masked tokens count
+    keep = distinct_tokens(torch.tensor([[1, 5]]), torch.tensor([[0, 1]]),
+                           torch.tensor([[5, 6]]), torch.tensor([[0, 1]]))
+    assert keep.tolist() == [[False, True]]
+
+
+def test_rejected_tokens_is_checked_with_its_key():
+    with pytest.raises(UserError, match="ibo.rejected_tokens='some': expected one of distinct"):
+        IBOLossConfig(rejected_tokens="some")
 
 
 def test_bregman_is_zero_at_the_reference_and_positive_elsewhere():

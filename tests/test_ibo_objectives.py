@@ -24,6 +24,7 @@ from operators.ibo_loss import (
     IBOLossConfig,
     bregman_loss,
     correction_loss,
+    distinct_tokens,
     nll_loss,
     npo_loss,
     simnpo_loss,
@@ -138,11 +139,13 @@ def _expected(method, model, tok, data, config):
         from cluster.batches import to_tensors
         b = to_tensors(side(data["pairs"], prefix), tok, TOKENS, "cpu")
         logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        return token_log_probs(logits, b["input_ids"]), b["loss_mask"]
+        return token_log_probs(logits, b["input_ids"]), b["loss_mask"], b["input_ids"]
 
     beta = config.loss.beta
     if method == "ibo" and config.loss.granularity == "token":
-        (pos, mpos), (neg, mneg) = tokens(model, "pos_"), tokens(model, "neg_")
+        (pos, mpos, ipos), (neg, mneg, ineg) = tokens(model, "pos_"), tokens(model, "neg_")
+        if config.loss.rejected_tokens == "distinct":
+            mpos = distinct_tokens(ipos, mpos, ineg, mneg)
         with torch.no_grad():
             rpos, rneg = tokens(base, "pos_")[0], tokens(base, "neg_")[0]
         eps = torch.tensor([p["eps"] for p in data["pairs"]], dtype=torch.float64)
@@ -168,7 +171,8 @@ def _expected(method, model, tok, data, config):
 
 
 @pytest.mark.parametrize("method,loss", [
-    ("ibo", {}), ("ibo", {"granularity": "token", "beta": 3.0}), ("pbo", {}), ("ga", {}),
+    ("ibo", {}), ("ibo", {"granularity": "token", "beta": 3.0}),
+    ("ibo", {"granularity": "token", "rejected_tokens": "all"}), ("pbo", {}), ("ga", {}),
     ("remove", {}), ("oracle", {}), ("ga_kl", {}),
     ("npo", {}), ("simnpo", {"beta": 2.5, "delta": 0.2})])
 def test_step_loss_of_each_method_is_its_objective(method, loss):
