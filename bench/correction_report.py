@@ -83,10 +83,11 @@ def render(cases: dict, results: dict, chosen: dict, relearned: dict, minutes: f
         "clean: 60 benign prompts (refusals by `judge.refusal_patterns`, distinct-2, "
         "perplexity of their reference answers). Rates are the judge's, greedy decoding.", "",
         "Each method's defaults are chosen alike from its sweep (lr × steps grid, then α, β, γ "
-        "one at a time; IBO's grid once per token and once per sequence): the lowest median "
+        "one at a time, IBO's `rejected_tokens` too; IBO's grid per token at β 1 and 3, per "
+        "token lowering all of z+'s tokens, and per sequence): the lowest median "
         "relative undesirable rate over the scenarios among settings whose median perplexity "
         f"is within ×{PPL_BUDGET} and median clean refusals within +{REFUSAL_BUDGET:.2f}, "
-        "ties to the lower mean relative rate, then the lower median perplexity. "
+        "ties to the lower mean relative rate, then the lower mean perplexity. "
         "*Best in budget*: the method's lowest "
         "undesirable rate (mean of seen and unseen) on that scenario among its runs within "
         "the same budget, tuned per scenario. *Relearn k*: the seen rate after k steps of NLL "

@@ -60,11 +60,14 @@ PPL_BUDGET, REFUSAL_BUDGET = 1.05, 0.05  # ≤ +5 % perplexity, ≤ +5 points of
 # The lr grid reaches down to 5e-5: gradient-ascent methods need small steps not to collapse.
 GRID = {"lr": (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 3e-3), "steps": (15, 30, 60)}
 # ibo's β is per token at granularity=token: the lr × steps grid runs at β 1 and 3 per token
+# (β 1 also lowering every token of z+, ibo.rejected_tokens=all)
 # and at its sequence-level form (β 0.1, the previous defaults), whatever the YAML sets.
 ALTERNATIVES = {"ibo": ({"granularity": "token", "beta": 1.0},
+                        {"granularity": "token", "beta": 1.0, "rejected_tokens": "all"},
                         {"granularity": "token", "beta": 3.0},
                         {"granularity": "sequence", "beta": 0.1})}
-ONE_AT_A_TIME = {"ibo": {"alpha": (0.6, 0.95), "beta": (0.3, 10.0), "gamma": (0.3, 1.0, 3.0)},
+ONE_AT_A_TIME = {"ibo": {"alpha": (0.6, 0.95), "beta": (0.3, 10.0), "gamma": (0.3, 1.0, 3.0),
+                         "rejected_tokens": ("all",)},
                  "npo": {"alpha": (0.6, 0.95), "beta": (0.05, 0.5), "gamma": (0.3, 3.0)},
                  "simnpo": {"alpha": (0.6, 0.95), "beta": (1.0, 5.0), "gamma": (0.3, 3.0)},
                  "ga_kl": {"alpha": (0.6, 0.95), "gamma": (0.3, 3.0)}}
@@ -87,9 +90,12 @@ class Knobs:
     alpha: float = 0.8
     batch_size: int = 8
     granularity: str = "sequence"
+    rejected_tokens: str = "distinct"
 
     def label(self) -> str:
         form = f" per-{self.granularity}" if self.method == "ibo" else ""
+        if self.method == "ibo" and self.granularity == "token" and self.rejected_tokens == "all":
+            form += " all-tokens"
         return (f"{self.method}{form} lr={self.lr:g} steps={self.steps} β={self.beta:g} "
                 f"γ={self.gamma:g} α={self.alpha:g}")
 
@@ -100,7 +106,8 @@ def yaml_defaults(method: str) -> Knobs:
     alpha = yaml.safe_load((PROJECT / "conf" / "influence" / "linfac.yaml").read_text())["alpha"]
     return Knobs(method, float(conf["lr"]), int(conf["steps"]), float(conf.get("beta", 0.1)),
                  float(conf.get("gamma", 1.0)), float(conf.get("delta", 0.0)), float(alpha),
-                 int(conf["batch_size"]), str(conf.get("granularity", "sequence")))
+                 int(conf["batch_size"]), str(conf.get("granularity", "sequence")),
+                 str(conf.get("rejected_tokens", "distinct")))
 
 
 def sweep(method: str) -> list[Knobs]:
@@ -162,7 +169,8 @@ def selected_rows(case: Case, alpha: float, method: str) -> tuple[dict[str, list
 
 
 def spec_of(case: Case, k: Knobs) -> IBOSpec:
-    loss = IBOLossConfig(beta=k.beta, gamma=k.gamma, delta=k.delta, granularity=k.granularity)
+    loss = IBOLossConfig(beta=k.beta, gamma=k.gamma, delta=k.delta, granularity=k.granularity,
+                         rejected_tokens=k.rejected_tokens)
     objective = ObjectiveConfig(method=k.method, loss=loss,
                                 tokenize=TokenizeConfig(max_length=CONTEXT))
     return IBOSpec(model_path=str(case.model_dir), objective=objective, steps=k.steps, lr=k.lr,
@@ -224,21 +232,24 @@ def choose(method: str, results: dict[str, list[dict]], befores: dict[str, dict]
     """The method's defaults from its runs on every scenario: among the settings whose median
     perplexity and clean-refusal increases are within budget, the lowest median relative
     undesirable rate; ties (many settings reach a median of 0 once most scenarios are fully
-    corrected) go to the lower mean relative rate, then to the lower median perplexity."""
+    corrected) go to the lower mean relative rate, then to the lower mean perplexity (a mean,
+    like the rate's tie-break, so that the scenario a setting damages counts: by the median,
+    five scenarios within 0.5 % of each other outvoted one at x1.65 against x1.97)."""
     by_knobs: dict[Knobs, list[tuple[dict, dict]]] = {}
     for name, runs in results.items():
         for r in runs:
             if r["knobs"].method == method and "skipped" not in r:
                 by_knobs.setdefault(r["knobs"], []).append((r, befores[name]))
 
-    def medians(pairs):
+    def summarise(pairs):
         rel = [relative(r, b) for r, b in pairs]
-        return (statistics.median(rel), statistics.mean(rel),
-                statistics.median(r["ppl"] / b["ppl"] for r, b in pairs),
+        ppl = [r["ppl"] / b["ppl"] for r, b in pairs]
+        return (statistics.median(rel), statistics.mean(rel), statistics.mean(ppl),
+                statistics.median(ppl),
                 statistics.median(r["overrefusal"] - b["overrefusal"] for r, b in pairs))
 
-    full = {k: medians(p) for k, p in by_knobs.items() if len(p) == len(results)}
-    feasible = {k: m for k, m in full.items() if m[2] <= PPL_BUDGET and m[3] <= REFUSAL_BUDGET}
+    full = {k: summarise(p) for k, p in by_knobs.items() if len(p) == len(results)}
+    feasible = {k: m for k, m in full.items() if m[3] <= PPL_BUDGET and m[4] <= REFUSAL_BUDGET}
     pool = feasible or full
     return min(pool, key=lambda k: pool[k][:3])
 

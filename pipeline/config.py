@@ -141,8 +141,11 @@ class IBOConf:
     # ibo's L_COR: log-ratios per `token` of z+ (each against z−'s per-token mean; β is then a
     # per-token scale, ibo.yaml's 1) or per `sequence` (DPO's form, β ≈ 0.1).
     granularity: str = "sequence"
+    # Per token only: which of z+'s tokens L_COR lowers: `distinct` (those its z− lacks; the
+    # shared ones, such as punctuation and the end of turn, are not the behaviour) or `all`.
+    rejected_tokens: str = "distinct"
     # What a conf/ibo/<method>.yaml leaves out. Every method's YAML sets its own steps and lr
-    # (ibo's chosen by `python -m bench.correction_suite`: 60 steps at 2e-3, per token, β 1).
+    # (ibo's chosen by `python -m bench.correction_suite`: 60 steps at 1e-3, per token, β 1).
     steps: int = 60
     lr: float = 1e-3
     # Rows of each dataset per step per worker.

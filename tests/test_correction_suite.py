@@ -43,3 +43,14 @@ def test_defaults_are_the_lowest_median_rate_within_the_utility_budget():
     assert choose("ibo", results, befores) == gentle  # harsh breaks the perplexity budget
     assert best_within_budget(results["a"], "ibo", before)["knobs"] == gentle
     assert best_within_budget(results["c"], "ibo", before)["knobs"] == idle  # refusals
+
+
+def test_ties_on_the_rate_go_to_the_lower_mean_perplexity_so_a_damaged_scenario_counts():
+    base = yaml_defaults("ibo")
+    even, spiky = replace(base, lr=1e-3), replace(base, lr=2e-3)
+    before = {"seen": 1.0, "unseen": 1.0, "ppl": 1.0, "overrefusal": 0.0}
+    results = {name: [run(even, 0.0, 0.0, 1.012), run(spiky, 0.0, 0.0, 1.010)]
+               for name in "abcde"}
+    results["f"] = [run(even, 0.0, 0.0, 1.4), run(spiky, 0.0, 0.0, 1.9)]
+    # the median perplexity (1.012 against 1.010) would take spiky
+    assert choose("ibo", results, dict.fromkeys(results, before)) == even
