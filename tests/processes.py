@@ -1,4 +1,5 @@
-"""This test process's own descendants by title: the Ray workers of the Ray it started.
+"""Processes a test started: its own descendants by title (the Ray workers of the Ray it
+started), and the whole session of a driver it runs and kills.
 
 Tests that kill a worker must not kill a worker of another Ray on the machine (a user's, a
 second test run's): Ray's head processes are children of the driver that started them, and its
@@ -7,8 +8,12 @@ workers theirs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
+import time
+from pathlib import Path
 
 
 def descendants(title: str, root: int | None = None) -> list[int]:
@@ -30,3 +35,30 @@ def descendants(title: str, root: int | None = None) -> list[int]:
                 return True
         return False
     return sorted(p for p in parent if title in args[p] and under(p))
+
+
+def session(sid: int) -> list[int]:
+    """Pids of the live processes of session ``sid`` (a process started with
+    ``start_new_session=True`` leads the session of its pid)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def kill_session(sid: int, timeout: float = 60) -> None:
+    """SIGKILL every process of session ``sid`` and return once none is left. Killing the
+    process group is not enough: Ray's workers lead process groups of their own and outlive
+    their raylet for a moment, long enough to write a file after the kill."""
+    deadline = time.monotonic() + timeout
+    while pids := session(sid):
+        assert time.monotonic() < deadline, f"processes {pids} of session {sid} outlived SIGKILL"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from demo_assets import save_demo_model
 from pipeline_cli import DEMO, ROOT, computed, copy_cache, env, run_cli
-from processes import descendants
+from processes import descendants, kill_session
 
 from cluster.batches import TokenizeConfig
 from cluster.dataio import write_parquet_atomic
@@ -296,7 +296,7 @@ def test_a_killed_driver_reruns_skipping_finished_stages_and_resumes_scoring_by_
     deadline = time.time() + 600
     while time.time() < deadline and len(list(cache.glob("score/*.partial/raw/*.parquet"))) < 3:
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    kill_session(proc.pid)  # the driver, the local Ray it started and that Ray's workers
     proc.wait(timeout=60)
     assert list(cache.glob("prepare/*/stage.json")), "the killed run never finished prepare"
     kept = list(cache.glob("score/*.partial/raw/*.parquet"))
