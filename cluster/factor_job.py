@@ -25,6 +25,7 @@ from cluster.batches import TokenizeConfig, to_tensors
 from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads, remove_run_storage, storage_uri
+from cluster.user_errors import LATCH, ends_on_user_error, fit, user_error_latch
 from operators.curvature import (
     DEFAULT_FISHER,
     DEFAULT_LOGODDS_CAP,
@@ -195,21 +196,23 @@ def fit_factors(dataset, spec: FactorSpec, cluster: ClusterConfig, out_dir: Path
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     name = f"fit_factors_{int(time.time() * 1000)}"
-    trainer = TorchTrainer(
-        factor_worker,
-        train_loop_config={"spec": spec, "cluster": cluster, "progress": progress},
-        scaling_config=cluster.scaling(),
-        torch_config=TorchConfig(backend=cluster.backend),
-        datasets={"train": dataset},
-        run_config=RunConfig(name=name, storage_path=storage_uri(storage),
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    )
-    try:
-        with trainer.fit().checkpoint.as_directory() as ckpt:
-            _install(Path(ckpt), out_dir)
-            return json.loads((Path(ckpt) / "metrics.json").read_text())
-    finally:  # the factors are installed under out_dir: no second copy on storage
-        remove_run_storage(storage, name)
+    with user_error_latch() as latch:
+        trainer = TorchTrainer(
+            ends_on_user_error(factor_worker),
+            train_loop_config={"spec": spec, "cluster": cluster, "progress": progress,
+                               LATCH: latch},
+            scaling_config=cluster.scaling(),
+            torch_config=TorchConfig(backend=cluster.backend),
+            datasets={"train": dataset},
+            run_config=RunConfig(name=name, storage_path=storage_uri(storage),
+                                 failure_config=FailureConfig(max_failures=max_failures)),
+        )
+        try:
+            with fit(trainer, latch).checkpoint.as_directory() as ckpt:
+                _install(Path(ckpt), out_dir)
+                return json.loads((Path(ckpt) / "metrics.json").read_text())
+        finally:  # the factors are installed under out_dir: no second copy on storage
+            remove_run_storage(storage, name)
 
 
 def _install(src: Path, out_dir: Path) -> None:

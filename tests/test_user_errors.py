@@ -1,0 +1,56 @@
+"""A user error in a Ray Train worker ends the run: the retries Ray Train makes for a lost
+worker do not run the job again (a diverging lr ran the correction job three times)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.dataio import DataError
+from cluster.user_errors import LATCH, ends_on_user_error, fit, user_error_latch
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+    from ray import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _fails_on_rank_0(config: dict) -> None:
+    """A train func that records each call, and whose rank 0 meets bad input."""
+    import ray.train
+    rank = ray.train.get_context().get_world_rank()
+    with open(Path(config["calls"]), "a") as calls:
+        calls.write(f"{rank}\n")
+    if rank == 0:
+        raise DataError("train.jsonl, line 3, column 'prompt': null or empty")
+
+
+def _fit(tmp_path: Path, max_failures: int):
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    calls = tmp_path / f"calls-{max_failures}"
+    with user_error_latch() as latch:
+        trainer = TorchTrainer(
+            ends_on_user_error(_fails_on_rank_0),
+            train_loop_config={"calls": str(calls), LATCH: latch},
+            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+            run_config=RunConfig(name=f"fails-{max_failures}", storage_path=str(tmp_path),
+                                 failure_config=FailureConfig(max_failures=max_failures)))
+        with pytest.raises(DataError, match="line 3, column 'prompt': null or empty"):
+            fit(trainer, latch)
+    return sorted(calls.read_text().split())
+
+
+@pytest.mark.parametrize("max_failures", [2, 0])
+def test_a_user_error_in_a_worker_runs_once_and_reaches_the_driver_as_itself(
+        local_ray, tmp_path, max_failures):
+    """Each rank ran the job once, whether Ray Train retried (and the retry ended at once) or
+    not; the driver raises the worker's own error, subclass and message."""
+    assert _fit(tmp_path, max_failures) == ["0", "1"]
