@@ -40,9 +40,13 @@ class _Latch:
 
 @contextlib.contextmanager
 def user_error_latch() -> Iterator[object]:
-    """A latch actor for one Ray Train run (it takes no CPU), killed when the block ends."""
+    """A latch actor for one Ray Train run, killed when the block ends. It takes no CPU and
+    lives on the driver's node: a worker's node may be lost, the driver's ends the run anyway."""
     import ray
-    latch = ray.remote(num_cpus=0, max_restarts=0)(_Latch).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    latch = ray.remote(num_cpus=0, max_restarts=0)(_Latch).options(
+        scheduling_strategy=here).remote()
     try:
         yield latch
     finally:
