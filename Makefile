@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 # DeepSpeed JIT-builds a CPU op; keep its cache per venv (two venvs sharing one rebuild it endlessly)
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
-PYTEST_ARGS ?= --durations=25
+PYTEST_ARGS ?= --durations=40
 # pip byte-compiles what it installs (65 of the install's 120 s on 2 cores): keep it. This
 # machine sets PYTHONDONTWRITEBYTECODE=1 (CI, a machine like it, may too), so a module left
 # uncompiled is compiled again by every process that imports it (pip --no-compile made the
