@@ -33,13 +33,18 @@ PORT = 6380
 # Ray's multi-node mode (the default on Linux; the test suite turns it off for local Rays) and
 # the interface gloo binds to (the hosts' names resolve to an address they do not have).
 NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "GLOO_SOCKET_IFNAME": IFNAME}
+# The head's checks of the other node: a node lost for good is declared dead after about 5 s,
+# not Ray's 15-25 s (a check every 3 s, 10 s to answer, 5 missed)
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+                 "RAY_health_check_failure_threshold": "3"}
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 
 
 def _start(host, *args: str, temp_dir: str, log) -> subprocess.Popen:
     argv = [*host.prefix(), RAY, "start", "--block", f"--node-ip-address={host.address}",
             "--num-cpus=2", "--object-store-memory=200000000", *args]
-    return subprocess.Popen(argv, env=env(**NODE_ENV), stdout=log, stderr=subprocess.STDOUT,
+    return subprocess.Popen(argv, env=env(**NODE_ENV, **HEALTH_CHECKS), stdout=log,
+                            stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True, cwd=temp_dir)
 
 
