@@ -43,15 +43,25 @@ def user_error_latch() -> Iterator[object]:
     """A latch actor for one Ray Train run, killed when the block ends. It takes no CPU and
     lives on the driver's node: a worker's node may be lost, the driver's ends the run anyway."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     latch = ray.remote(num_cpus=0, max_restarts=0)(_Latch).options(
-        scheduling_strategy=here).remote()
+        scheduling_strategy=_drivers_node()).remote()
     try:
         yield latch
     finally:
         with contextlib.suppress(Exception):
             ray.kill(latch)
+
+
+def _drivers_node():
+    """Ray's scheduling strategy for "on the driver's node" (hard: a soft one let Ray place it
+    on the node test_two_nodes kills); Ray's default where the driver has no node to name."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    try:
+        node = ray.get_runtime_context().get_node_id()
+    except Exception:  # a Ray Client driver, say
+        return None
+    return NodeAffinitySchedulingStrategy(node, soft=False) if node else None
 
 
 def ends_on_user_error(train_func: Callable[[dict], None]) -> Callable[[dict], None]:
@@ -62,28 +72,38 @@ def ends_on_user_error(train_func: Callable[[dict], None]) -> Callable[[dict], N
     def run(config: dict) -> None:
         import ray
         latch = config[LATCH]
-        if ray.get(latch.get.remote()) is not None:
+        if _kept(latch) is not None:
             return  # an earlier try failed on bad input: this one would too
         try:
             train_func(config)
         except UserError as err:
-            ray.get(latch.keep.remote(err))
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                ray.get(latch.keep.remote(err))
             raise
     return run
+
+
+def _kept(latch) -> UserError | None:
+    """The kept error; None too when the latch is gone (its node lost: the run goes on with
+    Ray Train's own retries, as without a latch)."""
+    import ray
+    try:
+        return ray.get(latch.get.remote())
+    except ray.exceptions.RayActorError:
+        return None
 
 
 def fit(trainer, latch):
     """``trainer.fit()``'s result, or the user error a worker kept (whether Ray Train then
     failed the run or a retry ended at once)."""
-    import ray
     try:
         result = trainer.fit()
     except Exception as err:
-        kept = ray.get(latch.get.remote())
+        kept = _kept(latch)
         if kept is not None:
             raise kept from err
         raise
-    kept = ray.get(latch.get.remote())
+    kept = _kept(latch)
     if kept is not None:
         raise kept
     return result
