@@ -25,7 +25,7 @@ from cluster.batches import TokenizeConfig, to_tensors
 from cluster.model_io import DTYPES, load_model, load_tokenizer
 from cluster.progress import report
 from cluster.runtime import ClusterConfig, device_for, pin_threads, remove_run_storage, storage_uri
-from cluster.user_errors import LATCH, ends_on_user_error, fit, user_error_latch
+from cluster.user_errors import fit_torch_trainer
 from operators.curvature import (
     DEFAULT_FISHER,
     DEFAULT_LOGODDS_CAP,
@@ -194,25 +194,22 @@ def fit_factors(dataset, spec: FactorSpec, cluster: ClusterConfig, out_dir: Path
     ``cluster.progress.Progress`` counter the workers feed (``passes(spec)`` × rows in all).
     """
     from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
     name = f"fit_factors_{int(time.time() * 1000)}"
-    with user_error_latch() as latch:
-        trainer = TorchTrainer(
-            ends_on_user_error(factor_worker),
-            train_loop_config={"spec": spec, "cluster": cluster, "progress": progress,
-                               LATCH: latch},
+    try:
+        result = fit_torch_trainer(
+            factor_worker, {"spec": spec, "cluster": cluster, "progress": progress},
             scaling_config=cluster.scaling(),
             torch_config=TorchConfig(backend=cluster.backend),
             datasets={"train": dataset},
             run_config=RunConfig(name=name, storage_path=storage_uri(storage),
                                  failure_config=FailureConfig(max_failures=max_failures)),
         )
-        try:
-            with fit(trainer, latch).checkpoint.as_directory() as ckpt:
-                _install(Path(ckpt), out_dir)
-                return json.loads((Path(ckpt) / "metrics.json").read_text())
-        finally:  # the factors are installed under out_dir: no second copy on storage
-            remove_run_storage(storage, name)
+        with result.checkpoint.as_directory() as ckpt:
+            _install(Path(ckpt), out_dir)
+            return json.loads((Path(ckpt) / "metrics.json").read_text())
+    finally:  # the factors are installed under out_dir: no second copy on storage
+        remove_run_storage(storage, name)
 
 
 def _install(src: Path, out_dir: Path) -> None:

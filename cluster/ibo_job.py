@@ -26,7 +26,7 @@ from cluster.deepspeed_strategy import DeepSpeedStrategy, read_ds_config, resolv
 from cluster.ibo_objectives import ObjectiveConfig, Reference, step_loss
 from cluster.model_io import load_model, load_tokenizer
 from cluster.runtime import ClusterConfig, device_for, pin_threads, remove_run_storage, storage_uri
-from cluster.user_errors import LATCH, ends_on_user_error, fit, user_error_latch
+from cluster.user_errors import fit_torch_trainer
 from operators.errors import UserError
 
 MODEL_DIR = "model"
@@ -229,20 +229,18 @@ def run_ibo(datasets: dict, spec: IBOSpec, cluster: ClusterConfig, out_dir: Path
             storage: str | Path, max_failures: int = 2) -> dict:
     """Run the correction job; install the model (and its per-step ``curve.jsonl``) under
     ``out_dir``; return its metrics. The job's checkpoints are deleted once it ended."""
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
     config = run_config(spec, storage, max_failures)
-    with user_error_latch() as latch:
-        trainer = TorchTrainer(
-            ends_on_user_error(ibo_worker),
-            train_loop_config={"spec": spec, "cluster": cluster, LATCH: latch,
-                               "ds_config": read_ds_config(spec.deepspeed_config)},
+    try:
+        result = fit_torch_trainer(
+            ibo_worker, {"spec": spec, "cluster": cluster,
+                         "ds_config": read_ds_config(spec.deepspeed_config)},
             scaling_config=cluster.scaling(),
             torch_config=TorchConfig(backend=cluster.backend),
             datasets=datasets, dataset_config=in_file_order(), run_config=config)
-        try:
-            metrics = _install(fit(trainer, latch).checkpoint, out_dir)
-        finally:
-            removed = remove_run_storage(storage, config.name)
+        metrics = _install(result.checkpoint, out_dir)
+    finally:
+        removed = remove_run_storage(storage, config.name)
     return {**metrics, "checkpoint_mb_removed": removed / 2**20}
 
 

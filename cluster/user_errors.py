@@ -7,10 +7,7 @@ say so on the test model; on a 7B model each try loads the model again). The fir
 raise a ``UserError`` keeps it in a small actor (the latch); the workers of any retry find it
 there and return at once, and the driver raises it.
 
-    with user_error_latch() as latch:
-        trainer = TorchTrainer(ends_on_user_error(train_func),
-                               train_loop_config={**config, LATCH: latch}, ...)
-        result = fit(trainer, latch)
+    result = fit_torch_trainer(train_func, config, scaling_config=..., run_config=...)
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from collections.abc import Callable, Iterator
 
 from operators.errors import UserError
 
-LATCH = "user_error_latch"
+_LATCH = "user_error_latch"
 
 
 class _Latch:
@@ -38,8 +35,18 @@ class _Latch:
         return self.error
 
 
+def fit_torch_trainer(train_func: Callable[[dict], None], config: dict, **trainer_kwargs):
+    """``TorchTrainer(train_func, train_loop_config=config, **trainer_kwargs).fit()``'s result,
+    or the ``UserError`` one of its workers raised, raised here after a single try."""
+    from ray.train.torch import TorchTrainer
+    with _latch() as latch:
+        trainer = TorchTrainer(_ends_on_user_error(train_func),
+                               train_loop_config={**config, _LATCH: latch}, **trainer_kwargs)
+        return _fit(trainer, latch)
+
+
 @contextlib.contextmanager
-def user_error_latch() -> Iterator[object]:
+def _latch() -> Iterator[object]:
     """A latch actor for one Ray Train run, killed when the block ends. It takes no CPU and
     lives on the driver's node: a worker's node may be lost, the driver's ends the run anyway."""
     import ray
@@ -64,14 +71,14 @@ def _drivers_node():
     return NodeAffinitySchedulingStrategy(node, soft=False) if node else None
 
 
-def ends_on_user_error(train_func: Callable[[dict], None]) -> Callable[[dict], None]:
-    """``train_func`` whose ``UserError`` is kept in ``config[LATCH]`` before it propagates, and
+def _ends_on_user_error(train_func: Callable[[dict], None]) -> Callable[[dict], None]:
+    """``train_func`` whose ``UserError`` is kept in ``config[_LATCH]`` before it propagates, and
     which returns at once when an earlier try of the run kept one."""
 
     @functools.wraps(train_func)
     def run(config: dict) -> None:
         import ray
-        latch = config[LATCH]
+        latch = config[_LATCH]
         if _kept(latch) is not None:
             return  # an earlier try failed on bad input: this one would too
         try:
@@ -93,7 +100,7 @@ def _kept(latch) -> UserError | None:
         return None
 
 
-def fit(trainer, latch):
+def _fit(trainer, latch):
     """``trainer.fit()``'s result, or the user error a worker kept (whether Ray Train then
     failed the run or a retry ended at once)."""
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cluster.dataio import DataError
-from cluster.user_errors import LATCH, ends_on_user_error, fit, user_error_latch
+from cluster.user_errors import fit_torch_trainer
 
 pytestmark = pytest.mark.ray
 
@@ -34,17 +34,13 @@ def _fails_on_rank_0(config: dict) -> None:
 
 def _fit(tmp_path: Path, max_failures: int):
     from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
     calls = tmp_path / f"calls-{max_failures}"
-    with user_error_latch() as latch:
-        trainer = TorchTrainer(
-            ends_on_user_error(_fails_on_rank_0),
-            train_loop_config={"calls": str(calls), LATCH: latch},
+    with pytest.raises(DataError, match="line 3, column 'prompt': null or empty"):
+        fit_torch_trainer(
+            _fails_on_rank_0, {"calls": str(calls)},
             scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
             run_config=RunConfig(name=f"fails-{max_failures}", storage_path=str(tmp_path),
                                  failure_config=FailureConfig(max_failures=max_failures)))
-        with pytest.raises(DataError, match="line 3, column 'prompt': null or empty"):
-            fit(trainer, latch)
     return sorted(calls.read_text().split())
 
 
