@@ -58,6 +58,7 @@ OPTIONS = {
     "query_parts=[judged, opening]": ({"query_parts": ("judged", "opening")}, {}),
     "opening_tokens=1": ({"opening_tokens": 1}, {}),
     "opening_tokens=5": ({"opening_tokens": 5}, {}),
+    "opening_outside_judged=keep": ({"opening_outside_judged": "keep"}, {}),
 }
 KFAC_AS_KRONFLUENCE = "kfac, damping_absolute=1e-8 (kronfluence's)"
 
@@ -223,9 +224,11 @@ def render(results: list[dict], minutes: float, kron: bool,
     if draws:
         lines += ["### The suite drawn again", "",
                   "Every scenario regenerated with other seeds (corpus, model, queries; "
-                  "bench/suite_draws.py), LinFAC at the default and at `logodds_cap=1` (the "
-                  "plain likelihood). Defaults are chosen by the development median of every "
-                  "draw, not of one.", "", table(draws), ""]
+                  "bench/suite_draws.py), LinFAC at the default, at `logodds_cap=1` (the "
+                  "plain likelihood) and with every opening kept "
+                  "(`opening_outside_judged=keep`, the default before 2026-12-04). Defaults are "
+                  "chosen by the development median of every draw, not of one.", "",
+                  table(draws), ""]
     return "\n".join(lines)
 
 

@@ -31,6 +31,9 @@ from operators.sequences import Encoded
 PARTS = ("response", "judged", "opening")
 DEFAULT_PARTS = PARTS
 DEFAULT_OPENING = 3
+# An opening that shares no token with the judged text: kept as a query, or left out.
+OPENING_OUTSIDE_JUDGED = ("drop", "keep")
+DEFAULT_OPENING_OUTSIDE_JUDGED = "drop"
 # The query row's fields for a part (plain columns through Ray Data and tokenizing): the part's
 # name, the judged character ranges (JSON text) and the opening's token count.
 PART, SPANS, FIRST = "query_part", "loss_spans", "loss_first"
@@ -116,31 +119,53 @@ def _opening(enc: Encoded, first: int) -> Encoded:
 
 
 def expand(rows: list[dict], parts: tuple[str, ...], regexes: list[re.Pattern], opening: int,
-           encode_row: Callable[[dict], Encoded], tokenizer) -> list[dict]:
+           encode_row: Callable[[dict], Encoded], tokenizer, *,
+           opening_outside_judged: str = DEFAULT_OPENING_OUTSIDE_JUDGED) -> list[dict]:
     """Each query row as one row per part (``FIELDS`` set; id ``<id>#<part>`` for parts other
     than the whole response), leaving out parts that repeat the whole response's tokens or hold
-    none; a row left with no part keeps its whole response, so no query is ever lost."""
+    none; a row left with no part keeps its whole response, so no query is ever lost.
+
+    ``opening_outside_judged="drop"``: where the judge located the bad text (``judged`` is
+    among ``parts`` and matched) and the opening shares none of its tokens, the opening is
+    left out: it is then the answer's benign start, which the corpus's look-alikes share."""
     out = []
     for row in rows:
         full, kept = encode_row(row), []
+        judged = _judged_mask(row, parts, regexes, full, tokenizer)
         for part in parts:
             candidate = dict(row, **{PART: part, SPANS: None, FIRST: None})
             if part == "judged":
-                spans = judged_spans(str(row["response"]), regexes)
-                if not spans:
+                if judged is None:
                     continue
-                candidate[SPANS] = json.dumps([list(s) for s in spans])
+                candidate[SPANS] = json.dumps([list(s) for s in judged_spans(
+                    str(row["response"]), regexes)])
             if part == "opening":
                 candidate[FIRST] = int(opening)
             if part != "response":
                 mask = part_encoding(tokenizer, full, candidate).loss_mask
                 if not any(mask) or mask == full.loss_mask:
                     continue
+                if (part == "opening" and opening_outside_judged == "drop"
+                        and judged is not None and not any(a and b for a, b in zip(mask, judged))):
+                    continue
                 if "id" in row:
                     candidate["id"] = f"{row['id']}#{part}"
             kept.append(candidate)
         out += kept or [dict(row, **{PART: "response", SPANS: None, FIRST: None})]
     return out
+
+
+def _judged_mask(row: dict, parts: tuple[str, ...], regexes: list[re.Pattern], full: Encoded,
+                 tokenizer) -> list[int] | None:
+    """The loss mask of ``row``'s judged tokens, or None (not a part, no match, none left)."""
+    if "judged" not in parts:
+        return None
+    spans = judged_spans(str(row["response"]), regexes)
+    if not spans:
+        return None
+    candidate = dict(row, **{PART: "judged", SPANS: json.dumps([list(s) for s in spans])})
+    mask = part_encoding(tokenizer, full, candidate).loss_mask
+    return mask if any(mask) else None
 
 
 def query_rows(config, rows: list[dict], patterns, encode_row: Callable[[dict], Encoded],
@@ -151,7 +176,7 @@ def query_rows(config, rows: list[dict], patterns, encode_row: Callable[[dict], 
     if config.kind.units is None:
         return rows
     return expand(rows, config.query_parts, compile_patterns(patterns), config.opening_tokens,
-                  encode_row, tokenizer)
+                  encode_row, tokenizer, opening_outside_judged=config.opening_outside_judged)
 
 
 def compile_patterns(patterns) -> list[re.Pattern]:

@@ -41,7 +41,13 @@ from operators.factors import DampingConfig
 from operators.lowrank import compress, formed_scores, lowrank_scores, token_path_is_cheaper
 from operators.methods import InfluenceMethod, get_method
 from operators.query_grouping import GROUPINGS, query_sketches, similarity_order
-from operators.query_parts import DEFAULT_OPENING, DEFAULT_PARTS, check_parts
+from operators.query_parts import (
+    DEFAULT_OPENING,
+    DEFAULT_OPENING_OUTSIDE_JUDGED,
+    DEFAULT_PARTS,
+    OPENING_OUTSIDE_JUDGED,
+    check_parts,
+)
 from operators.units import Unit, discover_units
 
 AGGREGATES = ("max", "mean")
@@ -73,6 +79,8 @@ class InfluenceConfig:
     # (operators/query_parts.py): the whole response, the judge's match, the opening tokens
     query_parts: tuple[str, ...] = DEFAULT_PARTS
     opening_tokens: int = DEFAULT_OPENING
+    # drop: an opening sharing no token with the judged text is no query (operators/query_parts)
+    opening_outside_judged: str = DEFAULT_OPENING_OUTSIDE_JUDGED
 
     def __post_init__(self) -> None:
         get_method(self.method)  # an unknown method fails here, naming the key
@@ -80,6 +88,8 @@ class InfluenceConfig:
         _check("influence.query_grouping", self.query_grouping, GROUPINGS)
         _check("influence.similarity", self.similarity, SIMILARITIES)
         _check("influence.fisher", self.fisher, FISHER_KINDS)
+        _check("influence.opening_outside_judged", self.opening_outside_judged,
+               OPENING_OUTSIDE_JUDGED)
         object.__setattr__(self, "logodds_cap", check_logodds_cap(self.logodds_cap))
         object.__setattr__(self, "query_parts", check_parts(self.query_parts, self.opening_tokens))
         if int(self.query_batch_size) < 1:

@@ -84,6 +84,10 @@ class InfluenceConf:
     # (docs/METHOD.md); [response] is LANCET.md's single query per output.
     query_parts: list[str] = field(default_factory=lambda: ["response", "judged", "opening"])
     opening_tokens: int = 3
+    # drop | keep: an opening sharing no token with the judged text (the judge located the bad
+    # text elsewhere, so the opening is the benign start look-alikes share): left out or kept.
+    # drop: dev median AUPRC 0.957 -> 0.977 over three draws of bench.suite (docs/METHOD.md).
+    opening_outside_judged: str = "drop"
     # How per-batch scores combine: max | mean.
     aggregate: str = "max"
     # dot | cosine: cosine unit-normalises both sides (gradsim: the gradients; linfac, ekfac,

@@ -102,10 +102,15 @@ def test_query_parts_reach_the_score_spec_with_the_judges_patterns_where_they_ju
     mine = compose_typed(user + ["judge=keyword", "judge.patterns=[idiot]"])
     assert score_spec(mine, "m").judge_patterns == ("idiot",)
     score = next(s for s in STAGES if s.name == "score")
-    assert {"influence.query_parts", "influence.opening_tokens", "judge.patterns"} <= set(
-        score.config_keys)
+    assert {"influence.query_parts", "influence.opening_tokens", "judge.patterns",
+            "influence.opening_outside_judged"} <= set(score.config_keys)
     with pytest.raises(ValueError, match=re.escape("influence.query_parts: 'tail' is not")):
         validate(compose_typed(["influence.query_parts=[response,tail]"]))
+    for rule in ("drop", "keep"):
+        cfg = compose_typed([f"influence.opening_outside_judged={rule}"])
+        assert influence(cfg).opening_outside_judged == rule
+    with pytest.raises(ValueError, match="influence.opening_outside_judged='never'"):
+        validate(compose_typed(["influence.opening_outside_judged=never"]))
 
 
 # Every numeric key of pipeline/config.py, out of range: refused at start-up, naming the key.

@@ -110,11 +110,32 @@ def test_expanded_rows_carry_their_part_fields():
     tok = train_tokenizer(TEXTS)
     rows = expand([dict(id="q", prompt=PROMPT, response=RESPONSE, extra=1)],
                   ("response", "judged", "opening"), compile_patterns(PATTERNS), 3,
-                  lambda r: encode(tok, r["prompt"], r["response"], 64), tok)
+                  lambda r: encode(tok, r["prompt"], r["response"], 64), tok,
+                  opening_outside_judged="keep")
     assert [r["id"] for r in rows] == ["q", "q#judged", "q#opening"]
     spans = judged_spans(RESPONSE, compile_patterns(PATTERNS))
     assert json.loads(rows[1][SPANS]) == [list(s) for s in spans]
     assert rows[2][FIRST] == 3 and all(r["extra"] == 1 for r in rows)
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_an_opening_outside_the_judged_text_is_dropped_only_when_asked(name):
+    """``drop``: an opening sharing no token with the judged text (a sign-off after a benign
+    start) is no query; an opening the judged text reaches, or an output the judge did not
+    locate, keeps it; ``keep`` (the old rule) always keeps it."""
+    tok = TOKENIZERS[name]()
+
+    def parts(patterns, rule):
+        rows = expand([dict(id="q", prompt=PROMPT, response=RESPONSE)],
+                      ("response", "judged", "opening"), compile_patterns(patterns), 3,
+                      lambda r: encode(tok, r["prompt"], r["response"], 256), tok,
+                      opening_outside_judged=rule)
+        return [r[PART] for r in rows]
+
+    assert parts(PATTERNS, "keep") == ["response", "judged", "opening"]
+    assert parts(PATTERNS, "drop") == ["response", "judged"]  # "hide the evidence" is at the end
+    assert parts(("sure ! first",), "drop") == ["response", "judged", "opening"]
+    assert parts(("no such words",), "drop") == ["response", "opening"]
 
 
 def test_judged_spans_merge_overlapping_matches():
@@ -142,6 +163,7 @@ def test_a_parts_loss_is_the_sum_over_its_tokens():
     ({"query_parts": ("response", "tail")}, "influence.query_parts"),
     ({"query_parts": ("response", "response")}, "influence.query_parts"),
     ({"opening_tokens": 0}, "influence.opening_tokens"),
+    ({"opening_outside_judged": "sometimes"}, "influence.opening_outside_judged"),
 ])
 def test_bad_query_parts_are_refused_naming_the_key(kwargs, key):
     with pytest.raises(UserError, match=key):

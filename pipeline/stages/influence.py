@@ -73,6 +73,7 @@ def run_score(ctx: StageContext) -> dict:
     # queries in parts: every query's response, judged and opening parts (operators/query_parts)
     ctx.log(f"score: {len(queries)} queries in {summary['query_batches']} query batches "
             f"(influence.query_parts={list(spec.influence.query_parts)}, "
+            f"opening_outside_judged={spec.influence.opening_outside_judged}, "
             f"query_batch_size={spec.influence.query_batch_size})")
     return {"score/sequences_per_s": metrics["sequences_per_s"],
             "score/tokens_per_s": metrics["tokens_per_s"],

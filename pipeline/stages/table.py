@@ -37,9 +37,10 @@ STAGES = [
                             "influence.similarity", "influence.query_rank",
                             "influence.query_grouping", "influence.attribution_top_k",
                             "influence.query_parts", "influence.opening_tokens",
+                            "influence.opening_outside_judged",
                             "judge.kind", "judge.patterns", "judge.demo"),
           "influence",
-          version="5"),  # 5: queries in parts (response, judged, opening; issue #17)
+          version="6"),  # 5: queries in parts (issue #17); 6: no opening outside the judged text
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
     # ibo.batch_size is rows per worker: the real batch is batch_size × num_workers
