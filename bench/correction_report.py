@@ -7,6 +7,8 @@ from bench.correction_suite import (
     PPL_BUDGET,
     REFUSAL_BUDGET,
     RELEARN_LR,
+    SEEN_TARGET,
+    UNSEEN_TARGET,
     best_within_budget,
     rate,
     within_budget,
@@ -44,8 +46,8 @@ def criterion_rows(cases: dict, results: dict, relearned: dict) -> list[dict]:
     for name, case in cases.items():
         b, ibo = case.before, relearned[name]["ibo"]
         row = {"scenario": name,
-               "seen ≤ 10 % of before": ibo["seen"] <= 0.1 * b["seen"],
-               "unseen ≤ 30 % of before": ibo["unseen"] <= 0.3 * b["unseen"],
+               "seen ≤ 10 % of before": ibo["seen"] <= SEEN_TARGET * b["seen"],
+               "unseen ≤ 30 % of before": ibo["unseen"] <= UNSEEN_TARGET * b["unseen"],
                "ppl ≤ +5 %": ibo["ppl"] <= PPL_BUDGET * b["ppl"],
                "refusals ≤ +5 points": ibo["overrefusal"] <= b["overrefusal"] + REFUSAL_BUDGET}
         for m in ("npo", "ga_kl"):

@@ -56,6 +56,7 @@ CONTEXT, NEW_TOKENS = 64, 24
 # Relearning fine-tunes every method's corrected model at one lr (their own lr differ by 60x).
 RELEARN_LR = 1e-3
 PPL_BUDGET, REFUSAL_BUDGET = 1.05, 0.05  # ≤ +5 % perplexity, ≤ +5 points of clean refusals
+SEEN_TARGET, UNSEEN_TARGET = 0.1, 0.3  # issue #15: ≤ 10 % of before (seen), ≤ 30 % (unseen)
 # Each method: a grid over lr × steps, then one knob at a time around its YAML defaults.
 # The lr grid reaches down to 5e-5: gradient-ascent methods need small steps not to collapse.
 GRID = {"lr": (5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 3e-3), "steps": (15, 30, 60)}
@@ -66,11 +67,14 @@ ALTERNATIVES = {"ibo": ({"granularity": "token", "beta": 1.0},
                         {"granularity": "token", "beta": 1.0, "rejected_tokens": "all"},
                         {"granularity": "token", "beta": 3.0},
                         {"granularity": "sequence", "beta": 0.1})}
-ONE_AT_A_TIME = {"ibo": {"alpha": (0.6, 0.95), "beta": (0.3, 10.0), "gamma": (0.3, 1.0, 3.0),
+# α reaches down to 0.3: the positive mass includes the noise floor of the max over query
+# columns, so on a converged habit α 0.6 took in a third false positives (docs/METHOD.md §4).
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.95)
+ONE_AT_A_TIME = {"ibo": {"alpha": ALPHAS, "beta": (0.3, 10.0), "gamma": (0.3, 1.0, 3.0),
                          "rejected_tokens": ("all",)},
-                 "npo": {"alpha": (0.6, 0.95), "beta": (0.05, 0.5), "gamma": (0.3, 3.0)},
-                 "simnpo": {"alpha": (0.6, 0.95), "beta": (1.0, 5.0), "gamma": (0.3, 3.0)},
-                 "ga_kl": {"alpha": (0.6, 0.95), "gamma": (0.3, 3.0)}}
+                 "npo": {"alpha": ALPHAS, "beta": (0.05, 0.5), "gamma": (0.3, 3.0)},
+                 "simnpo": {"alpha": ALPHAS, "beta": (1.0, 5.0), "gamma": (0.3, 3.0)},
+                 "ga_kl": {"alpha": ALPHAS, "gamma": (0.3, 3.0)}}
 
 
 def log(msg: str) -> None:
@@ -219,6 +223,13 @@ def within_budget(r: dict, before: dict) -> bool:
             and r["overrefusal"] <= before["overrefusal"] + REFUSAL_BUDGET)
 
 
+def meets(r: dict, before: dict) -> bool:
+    """Issue #15's criterion on one scenario: the targets on seen and unseen prompts, within
+    the utility budget."""
+    return (within_budget(r, before) and r["seen"] <= SEEN_TARGET * before["seen"]
+            and r["unseen"] <= UNSEEN_TARGET * before["unseen"])
+
+
 def rate(r: dict) -> float:
     """The undesirable rate of a run: the mean of its seen and unseen rates."""
     return (r["seen"] + r["unseen"]) / 2
@@ -232,9 +243,12 @@ def choose(method: str, results: dict[str, list[dict]], befores: dict[str, dict]
     """The method's defaults from its runs on every scenario: among the settings whose median
     perplexity and clean-refusal increases are within budget, the lowest median relative
     undesirable rate; ties (many settings reach a median of 0 once most scenarios are fully
-    corrected) go to the lower mean relative rate, then to the lower mean perplexity (a mean,
-    like the rate's tie-break, so that the scenario a setting damages counts: by the median,
-    five scenarios within 0.5 % of each other outvoted one at x1.65 against x1.97)."""
+    corrected) go to the setting that meets the whole target (``meets``: rates and budget) on
+    more scenarios, then to the lower mean relative rate, then to the lower mean perplexity (a
+    mean, like the rate's tie-break, so that the scenario a setting damages counts: by the
+    median, five scenarios within 0.5 % of each other outvoted one at x1.65 against x1.97).
+    Without the count, a setting that cleared every rate while one scenario's perplexity rose
+    x1.4 beat one that kept every scenario in budget and left 1 prompt of 24 uncorrected."""
     by_knobs: dict[Knobs, list[tuple[dict, dict]]] = {}
     for name, runs in results.items():
         for r in runs:
@@ -244,14 +258,14 @@ def choose(method: str, results: dict[str, list[dict]], befores: dict[str, dict]
     def summarise(pairs):
         rel = [relative(r, b) for r, b in pairs]
         ppl = [r["ppl"] / b["ppl"] for r, b in pairs]
-        return (statistics.median(rel), statistics.mean(rel), statistics.mean(ppl),
-                statistics.median(ppl),
+        return (statistics.median(rel), -sum(meets(r, b) for r, b in pairs),
+                statistics.mean(rel), statistics.mean(ppl), statistics.median(ppl),
                 statistics.median(r["overrefusal"] - b["overrefusal"] for r, b in pairs))
 
     full = {k: summarise(p) for k, p in by_knobs.items() if len(p) == len(results)}
-    feasible = {k: m for k, m in full.items() if m[3] <= PPL_BUDGET and m[4] <= REFUSAL_BUDGET}
+    feasible = {k: m for k, m in full.items() if m[4] <= PPL_BUDGET and m[5] <= REFUSAL_BUDGET}
     pool = feasible or full
-    return min(pool, key=lambda k: pool[k][:3])
+    return min(pool, key=lambda k: pool[k][:4])
 
 
 def best_within_budget(runs: list[dict], method: str, before: dict) -> dict | None:

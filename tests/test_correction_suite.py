@@ -54,3 +54,13 @@ def test_ties_on_the_rate_go_to_the_lower_mean_perplexity_so_a_damaged_scenario_
     results["f"] = [run(even, 0.0, 0.0, 1.4), run(spiky, 0.0, 0.0, 1.9)]
     # the median perplexity (1.012 against 1.010) would take spiky
     assert choose("ibo", results, dict.fromkeys(results, before)) == even
+
+
+def test_ties_on_the_median_rate_go_first_to_the_setting_meeting_the_target_on_more_scenarios():
+    base = yaml_defaults("ibo")
+    clears, keeps = replace(base, lr=1e-3), replace(base, alpha=0.3)
+    before = {"seen": 1.0, "unseen": 1.0, "ppl": 1.0, "overrefusal": 0.0}
+    results = {name: [run(clears, 0.0, 0.0, 1.01), run(keeps, 0.0, 0.0, 1.01)] for name in "abcde"}
+    # clears every rate but damages f; keeps leaves 1 prompt in 24 there, within every target
+    results["f"] = [run(clears, 0.0, 0.0, 1.4), run(keeps, 1 / 24, 0.0, 1.02)]
+    assert choose("ibo", results, dict.fromkeys(results, before)) == keeps
