@@ -149,7 +149,7 @@ class IBOConf:
     # shared ones, such as punctuation and the end of turn, are not the behaviour) or `all`.
     rejected_tokens: str = "distinct"
     # What a conf/ibo/<method>.yaml leaves out. Every method's YAML sets its own steps and lr
-    # (ibo's chosen by `python -m bench.correction_suite`: 60 steps at 1e-3, per token, β 1).
+    # (ibo's chosen by `python -m bench.correction_suite`: 60 steps at 5e-4, per token, β 1).
     steps: int = 60
     lr: float = 1e-3
     # Rows of each dataset per step per worker.
