@@ -131,18 +131,12 @@ def expand(rows: list[dict], parts: tuple[str, ...], regexes: list[re.Pattern], 
     out = []
     for row in rows:
         full, kept = encode_row(row), []
-        judged = _judged_mask(row, parts, regexes, full, tokenizer)
-        for part in parts:
-            candidate = dict(row, **{PART: part, SPANS: None, FIRST: None})
-            if part == "judged":
-                if judged is None:
-                    continue
-                candidate[SPANS] = json.dumps([list(s) for s in judged_spans(
-                    str(row["response"]), regexes)])
-            if part == "opening":
-                candidate[FIRST] = int(opening)
+        parted = [(c, part_encoding(tokenizer, full, c).loss_mask)
+                  for c in _candidates(row, parts, regexes, opening)]
+        judged = next((m for c, m in parted if c[PART] == "judged" and any(m)), None)
+        for candidate, mask in parted:
+            part = candidate[PART]
             if part != "response":
-                mask = part_encoding(tokenizer, full, candidate).loss_mask
                 if not any(mask) or mask == full.loss_mask:
                     continue
                 if (part == "opening" and opening_outside_judged == "drop"
@@ -155,17 +149,21 @@ def expand(rows: list[dict], parts: tuple[str, ...], regexes: list[re.Pattern], 
     return out
 
 
-def _judged_mask(row: dict, parts: tuple[str, ...], regexes: list[re.Pattern], full: Encoded,
-                 tokenizer) -> list[int] | None:
-    """The loss mask of ``row``'s judged tokens, or None (not a part, no match, none left)."""
-    if "judged" not in parts:
-        return None
-    spans = judged_spans(str(row["response"]), regexes)
-    if not spans:
-        return None
-    candidate = dict(row, **{PART: "judged", SPANS: json.dumps([list(s) for s in spans])})
-    mask = part_encoding(tokenizer, full, candidate).loss_mask
-    return mask if any(mask) else None
+def _candidates(row: dict, parts: tuple[str, ...], regexes: list[re.Pattern], opening: int
+                ) -> list[dict]:
+    """``row`` as each part's query row; a judged part only where the judge's patterns match."""
+    out = []
+    for part in parts:
+        candidate = dict(row, **{PART: part, SPANS: None, FIRST: None})
+        if part == "judged":
+            spans = judged_spans(str(row["response"]), regexes)
+            if not spans:
+                continue
+            candidate[SPANS] = json.dumps([list(s) for s in spans])
+        if part == "opening":
+            candidate[FIRST] = int(opening)
+        out.append(candidate)
+    return out
 
 
 def query_rows(config, rows: list[dict], patterns, encode_row: Callable[[dict], Encoded],
