@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import time
-from pathlib import Path
 
 import torch
 from transformers import LlamaConfig
 
+from bench import results_file
 from pipeline.plan import SHAPES, Session, _batch
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS = results_file.RESULTS
 BEGIN, END = "<!-- gpu section: python -m bench.gpu -->", "<!-- end of gpu section -->"
 SMALL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
              num_attention_heads=8, num_key_value_heads=4)
@@ -123,15 +123,9 @@ def render(rows: list[dict], header: str) -> str:
 
 def write_section(text: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace (or append) the section between ``begin`` and ``end`` of RESULTS.md (the GPU
-    section by default); `make bench` keeps it."""
-    old = RESULTS.read_text() if RESULTS.exists() else ""
-    section = f"{begin}\n{text}{end}\n"
-    if begin in old and end in old:
-        head, rest = old.split(begin, 1)
-        new = head + section + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(new)
+    section by default), under the file's edit lock (bench/results_file.py); `make bench`
+    keeps it."""
+    results_file.write_section(text, begin, end, RESULTS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from bench import correction, memory, perf, recall
+from bench import correction, memory, perf, recall, results_file
 from bench.scenarios import scenario
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS = results_file.RESULTS
 
 
 def log(msg: str) -> None:
@@ -203,7 +203,7 @@ def main() -> None:
     more, extra = correction_section(keep, args.quick, work)
     lines += more + perf_section(keep, work, extra, args.quick)
     lines += [f"Total benchmark time: {(time.time() - began) / 60:.1f} min.", ""]
-    RESULTS.write_text("\n".join(lines) + _kept_sections())
+    results_file.edit(lambda old: "\n".join(lines) + _kept_sections(old), RESULTS)
     from bench import attribution, correction_suite, cost, lds, scaling, suite
     scaling.main()
     cost.main([])
@@ -215,12 +215,12 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _kept_sections() -> str:
+def _kept_sections(old: str) -> str:
     """The sections `python -m bench.gpu` (on a GPU machine), `python -m bench.cost`,
     `python -m bench.attribution`, `python -m bench.suite`, `python -m bench.lds` and
-    `python -m bench.correction_suite` wrote, kept across `make bench` runs."""
+    `python -m bench.correction_suite` wrote (in ``old``, RESULTS.md's text), kept across
+    `make bench` runs."""
     from bench import attribution, correction_suite, cost, gpu, lds, suite
-    old = RESULTS.read_text() if RESULTS.exists() else ""
     kept = ""
     for begin, end in ((gpu.BEGIN, gpu.END), (cost.BEGIN, cost.END),
                        (attribution.BEGIN, attribution.END), (suite.BEGIN, suite.END),
