@@ -17,7 +17,8 @@ down by z+'s least certain tokens (its opening) and the loss fades while the tok
 is sure of (a memorised phrase) are never lowered; at token level those keep their weight
 until they too fall below θs. β is then a per-token scale (sequence β ≈ token β / |y|).
 
-With ``rejected_tokens=distinct`` (the default) only the tokens of z+ that its z− lacks are
+With ``rejected_tokens=distinct`` (this config's default; conf/ibo/ibo.yaml sets ``all``, the
+correction suite's choice) only the tokens of z+ that its z− lacks are
 lowered (``distinct_tokens``): the ones the two answers share (punctuation, the end of turn,
 common words, a shared opening) are not the behaviour, and lowering them in z+ lowered them
 everywhere (docs/METHOD.md section 5). A z+ with no token of its own keeps all of them.
