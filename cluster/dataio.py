@@ -95,6 +95,16 @@ def _refuse_others(folder: Path, key: str, others: list[Path]) -> None:
                         f"{folder / '*.parquet'}")
 
 
+# The leading bytes of the compressed formats a .jsonl file is most often mistaken for.
+MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\x28\xb5\x2f\xfd": "zstd",
+         b"\xfd7zXZ\x00": "xz", b"PK\x03\x04": "zip"}
+
+
+def _compression(head: bytes) -> str | None:
+    """The compression format ``head`` (a file's first bytes) starts with, if any."""
+    return next((name for magic, name in MAGIC.items() if head.startswith(magic)), None)
+
+
 def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(row number, raw dict) of one file, with parse errors naming the line."""
     if is_parquet(path):
@@ -114,6 +124,10 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
                 # utf-8-sig: a byte-order mark (Windows editors write one) is not data
                 text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as err:
+                packed = _compression(raw) if line_no == 1 else None
+                if packed:
+                    raise DataError(f"{path}: a {packed}-compressed file; LANCET reads plain "
+                                    "JSONL text: decompress it first") from err
                 raise DataError(f"{path}, line {line_no}: bytes that are not UTF-8 at offset "
                                 f"{err.start}") from err
             if not text.strip():

@@ -61,6 +61,19 @@ def test_bytes_that_are_not_utf8(tmp_path):
         read_rows(str(path))
 
 
+@pytest.mark.parametrize("pack", ["gzip", "bz2", "lzma"])
+def test_a_compressed_jsonl_file_is_named_as_compressed(tmp_path, pack):
+    """A .jsonl file that was gzip/bzip2/xz-compressed is refused as such, not as bad bytes."""
+    import importlib
+    module = importlib.import_module(pack)
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(module.compress((json.dumps(GOOD[0]) + "\n").encode() * 50))
+    name = {"gzip": "gzip", "bz2": "bzip2", "lzma": "xz"}[pack]
+    with pytest.raises(DataError, match=rf"t\.jsonl: a {name}-compressed file; LANCET reads "
+                                        r"plain JSONL text: decompress it first"):
+        read_rows(str(path))
+
+
 def test_duplicate_ids_across_files(tmp_path):
     jsonl(tmp_path / "a.jsonl", GOOD)
     jsonl(tmp_path / "b.jsonl", [GOOD[1]])
