@@ -40,6 +40,7 @@ def log(msg: str) -> None:
 OPTIONS = {
     "logodds_cap=1": ({"logodds_cap": 1.0}, {}),
     "logodds_cap=3": ({"logodds_cap": 3.0}, {}),
+    "logodds_cap=15": ({"logodds_cap": 15.0}, {}),
     "logodds_cap=30": ({"logodds_cap": 30.0}, {}),
     "fisher=mixed, seed 1": ({"fisher": "mixed"}, {"seed": 1}),
     "fisher=sampled": ({"fisher": "sampled"}, {}),
