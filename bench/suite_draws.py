@@ -1,6 +1,6 @@
 """The suite drawn again: every scenario regenerated with other seeds (its corpus, its model,
 its queries), LinFAC at the default, at the plain likelihood (``logodds_cap=1``), at a higher
-cap (``logodds_cap=15``, the one cap above 10 that led the development median of the first
+cap (``logodds_cap=15``, the smallest cap above 10 that led the development median of the first
 draw) and with every query's opening kept (``opening_outside_judged=keep``).
 
 One draw of sixteen scenarios is a small sample: on the first draw (seed 0) c = 1 led the
