@@ -34,6 +34,12 @@ def summary(cfg: LancetConf, out: dict) -> str:
     if "select/n_positive" in r:
         lines.append(f"  influence sets:      {r['select/n_positive']} positive, "
                      f"{r['select/n_negative']} negative, {r['select/n_neutral']} neutral")
+    if "detect/positive_judged_share" in r:
+        negative = r.get("detect/negative_judged_share")
+        lines.append(f"  judge on the sets:   {_fmt(r['detect/positive_judged_share'])} of "
+                     f"{r['detect/positive_judged_rows']} positive samples flagged"
+                     + (f", {_fmt(negative)} of negative" if negative is not None else "")
+                     + " (their own responses)")
     if cached:
         lines.append(f"  reused from cache:   {', '.join(cached)}")
     uri = out["tracking_uri"]

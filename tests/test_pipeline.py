@@ -32,7 +32,11 @@ def test_the_demo_finds_the_planted_data_and_halves_the_rate_at_the_same_perplex
         assert metrics[f"{key}_before"] > 0
         assert metrics[f"{key}_after"] <= 0.5 * metrics[f"{key}_before"]
     assert metrics["utility/ppl_after"] <= 1.1 * metrics["utility/ppl_before"]
+    # the label-free look at the sets: the demo's drivers say the harmful thing themselves
+    assert metrics["detect/positive_judged_share"] >= 0.9
+    assert metrics["detect/negative_judged_share"] <= 0.1
     assert "recall AUPRC" in proc.stdout and "undesirable, unseen" in proc.stdout
+    assert "judge on the sets:" in proc.stdout
 
 
 def test_outputs_follow_the_contract(first_run):
@@ -63,7 +67,8 @@ def test_outputs_follow_the_contract(first_run):
                 "utility/ppl_after", "utility/distinct2_before", "utility/distinct2_after",
                 "behavior/overrefusal_rate_before", "behavior/overrefusal_rate_after",
                 "utility/distinct2_clean_before", "utility/distinct2_clean_after",
-                "robustness/relearn_10_undesirable_rate", "robustness/relearn_50_undesirable_rate"):
+                "robustness/relearn_10_undesirable_rate", "robustness/relearn_50_undesirable_rate",
+                "detect/positive_judged_share", "detect/negative_judged_share"):
         assert key in metrics, key
     for png in ("score_distribution.png", "precision_recall.png", "undesirable_rate.png",
                 "relearning.png", "layer_attribution.png"):

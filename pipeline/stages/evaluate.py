@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -35,6 +36,42 @@ def detection(selection: Selection, label: str) -> dict:
     labels = [bool(x) for x in table[label]]
     return {"detect/auprc": auprc(scores, labels), "detect/recall_at_k": recall_at_k(scores, labels),
             "detect/positives": sum(labels)}
+
+
+# Rows of a set the judge reads for ``judged_sets`` (a classifier judge runs in the driver).
+JUDGED_ROWS = 2000
+
+
+def _set_responses(selection: Selection, name: str) -> list[str]:
+    """The responses of the ``positive`` set, or of the ``negative`` set (its rows as the
+    pairs hold them, each once)."""
+    if name == "positive":
+        path = selection.set_file("positive")
+        return (pq.read_table(path, columns=["response"]).column("response").to_pylist()
+                if path.is_file() else [])
+    path = selection.set_file("pairs")
+    if not path.is_file():
+        return []
+    pairs = pq.read_table(path, columns=["neg_id", "neg_response"]).to_pydict()
+    return list(dict(zip(pairs["neg_id"], pairs["neg_response"])).values())
+
+
+def judged_sets(selection: Selection, judge: Judge, seed: int, limit: int = JUDGED_ROWS) -> dict:
+    """A label-free look at the influence sets: the share of D_IF+ (and of D_IF−) samples whose
+    own response the judge flags, over up to ``limit`` of each (a seeded sample). A diagnostic,
+    not a label: a sample can drive a behaviour without showing it, and a keyword judge sees
+    only its patterns; but a positive set the judge rarely flags where the behaviour is a
+    phrase is a sign of benign samples among the drivers (docs/METHOD.md section 6)."""
+    out = {}
+    for name in ("positive", "negative"):
+        responses = [str(r) for r in _set_responses(selection, name)]
+        if len(responses) > limit:
+            responses = random.Random(seed).sample(responses, limit)
+        if responses:
+            flags = judge.flags(responses)
+            out[f"detect/{name}_judged_share"] = sum(flags) / len(flags)
+            out[f"detect/{name}_judged_rows"] = len(flags)
+    return out
 
 
 def _model_metrics(result: dict, prompts: list[dict], judge: Judge, suffix: str) -> tuple:
@@ -113,6 +150,7 @@ def run(ctx: StageContext) -> dict:
                 "are empty): no undesirable, refusal or perplexity figures; give data.eval "
                 "(and a judge) to measure the correction")
     metrics = detection(ctx.input("select"), prepared.label_column())
+    metrics.update(judged_sets(ctx.input("select"), judge, cfg.seed))
     results = _evaluate_on_workers(ctx, prepared.model_dir(), prompts, clean)
     before, gens_before = _model_metrics(results["before"], prompts, judge, "before")
     after, gens_after = _model_metrics(results["after"], prompts, judge, "after")
