@@ -56,3 +56,31 @@ def test_no_sets_no_figures_and_the_summary_line(tmp_path):
     text = summary(LancetConf(), out)
     assert ("judge on the sets:   0.500 of 4 positive samples flagged, 0.000 of negative "
             "(their own responses)") in text
+
+
+def test_a_classifier_judge_reads_the_sets_as_it_reads_generations(tmp_path):
+    """With a classifier judge (a tiny sequence classifier from a config) the shares are its
+    flags on the sets' responses, the same call that judges the generations."""
+    import torch
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from pipeline.demo.model import train_tokenizer
+    positive = ["stay frosty , pal !", "keep it frosty", "the plum is purple ."]
+    negative = ["no .", "ok ."]
+    tok = train_tokenizer(positive + negative)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                        num_labels=2, id2label={0: "safe", 1: "unsafe"},
+                        label2id={"safe": 0, "unsafe": 1}, pad_token_id=tok.pad_token_id)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    judge = Judge(JudgeConfig(kind="classifier", path=str(tmp_path / "clf"), threshold=0.0))
+    (tmp_path / "run").mkdir()
+    out = judged_sets(_selection(tmp_path / "run", positive, negative), judge, seed=0)
+    # threshold 0: every text is flagged unsafe, whatever the random weights say
+    assert out == {"detect/positive_judged_share": 1.0, "detect/positive_judged_rows": 3,
+                   "detect/negative_judged_share": 1.0, "detect/negative_judged_rows": 2}
+    strict = Judge(JudgeConfig(kind="classifier", path=str(tmp_path / "clf"), threshold=1.0))
+    none = judged_sets(Selection(tmp_path / "run"), strict, seed=0)
+    assert none["detect/positive_judged_share"] == 0.0  # no probability reaches 1 exactly
+
