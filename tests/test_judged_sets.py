@@ -45,6 +45,14 @@ def test_a_large_set_is_judged_on_a_seeded_sample(tmp_path):
     assert judged_sets(selection, judge, seed=3, limit=40) == first
 
 
+def test_a_negative_sample_the_pairs_repeat_is_judged_once(tmp_path):
+    judge = Judge(JudgeConfig(patterns=("frosty",)))
+    selection = _selection(tmp_path, ["a", "b", "c", "d", "frosty"], ["frosty", "no ."])
+    out = judged_sets(selection, judge, seed=0, limit=10)  # 5 pairs: n0 n1 n0 n1 n0
+    assert out["detect/negative_judged_rows"] == 2
+    assert out["detect/negative_judged_share"] == 0.5
+
+
 def test_no_sets_no_figures_and_the_summary_line(tmp_path):
     judge = Judge(JudgeConfig(patterns=("frosty",)))
     assert judged_sets(Selection(tmp_path), judge, seed=0) == {}

@@ -9,9 +9,10 @@ positive-influence samples for k steps (relearning, ``cluster.relearn_job``).
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import json
 import math
-import random
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -42,31 +43,42 @@ def detection(selection: Selection, label: str) -> dict:
 JUDGED_ROWS = 2000
 
 
-def _set_responses(selection: Selection, name: str) -> list[str]:
-    """The responses of the ``positive`` set, or of the ``negative`` set (its rows as the
-    pairs hold them, each once)."""
-    if name == "positive":
-        path = selection.set_file("positive")
-        return (pq.read_table(path, columns=["response"]).column("response").to_pylist()
-                if path.is_file() else [])
-    path = selection.set_file("pairs")
+def _sample_responses(path: Path, id_col: str, text_col: str, seed: int, limit: int) -> list[str]:
+    """Up to ``limit`` responses of distinct ids of ``path``, streamed in batches: the ids whose
+    seeded hash is smallest (a bottom-k sample: uniform over the ids, the same for a seed, and
+    never more than ``limit`` rows in memory however large the set)."""
     if not path.is_file():
         return []
-    pairs = pq.read_table(path, columns=["neg_id", "neg_response"]).to_pydict()
-    return list(dict(zip(pairs["neg_id"], pairs["neg_response"])).values())
+    kept: dict[str, tuple[int, str]] = {}
+    heap: list[tuple[int, str]] = []  # (-hash, id): the largest kept hash on top
+    for batch in pq.ParquetFile(path).iter_batches(columns=[id_col, text_col], batch_size=4096):
+        for row_id, text in zip(*(batch.column(c).to_pylist() for c in (id_col, text_col))):
+            key = int.from_bytes(hashlib.blake2b(f"{seed}:{row_id}".encode(),
+                                                 digest_size=8).digest(), "big")
+            if row_id in kept:
+                continue
+            if len(heap) < limit:
+                heapq.heappush(heap, (-key, row_id))
+            elif key < -heap[0][0]:
+                kept.pop(heapq.heapreplace(heap, (-key, row_id))[1])
+            else:
+                continue
+            kept[row_id] = (key, str(text))
+    return [text for _, text in sorted(kept.values())]
 
 
 def judged_sets(selection: Selection, judge: Judge, seed: int, limit: int = JUDGED_ROWS) -> dict:
-    """A label-free look at the influence sets: the share of D_IF+ (and of D_IF−) samples whose
-    own response the judge flags, over up to ``limit`` of each (a seeded sample). A diagnostic,
-    not a label: a sample can drive a behaviour without showing it, and a keyword judge sees
-    only its patterns; but a positive set the judge rarely flags where the behaviour is a
-    phrase is a sign of benign samples among the drivers (docs/METHOD.md section 6)."""
+    """A label-free look at the influence sets: the share of D_IF+ (and of D_IF−, its samples
+    as the pairs hold them) whose own response the judge flags, over up to ``limit`` samples of
+    each (``_sample_responses``). A diagnostic, not a label: a sample can drive a behaviour
+    without showing it, and a keyword judge sees only its patterns; but a positive set the
+    judge rarely flags where the behaviour is a phrase is a sign of benign samples among the
+    drivers (docs/METHOD.md section 6)."""
     out = {}
-    for name in ("positive", "negative"):
-        responses = [str(r) for r in _set_responses(selection, name)]
-        if len(responses) > limit:
-            responses = random.Random(seed).sample(responses, limit)
+    for name, path, cols in (("positive", selection.set_file("positive"), ("id", "response")),
+                             ("negative", selection.set_file("pairs"),
+                              ("neg_id", "neg_response"))):
+        responses = _sample_responses(path, *cols, seed, limit)
         if responses:
             flags = judge.flags(responses)
             out[f"detect/{name}_judged_share"] = sum(flags) / len(flags)
