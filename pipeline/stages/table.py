@@ -48,7 +48,7 @@ STAGES = [
           reads=ibo_reads, curves=("curve.jsonl",), model="model"),
     Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge", "eval"), "eval",
           artifacts=("metrics.json",), reads=evaluate_reads,
-          version="3"),  # 3: over-refusal on clean prompts and relearning (issue #15)
+          version="4"),  # 3: over-refusal and relearning (issue #15); 4: judged_sets
     Stage("report", report.run, ("prepare", "select", "evaluate"), (), "report",
           artifacts=(".",), version="3"),  # 3: per-sublayer attribution (issue #17)
 ]
