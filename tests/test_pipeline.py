@@ -73,7 +73,10 @@ def test_outputs_follow_the_contract(first_run):
     for png in ("score_distribution.png", "precision_recall.png", "undesirable_rate.png",
                 "relearning.png", "layer_attribution.png"):
         assert (out / "report" / png).stat().st_size > 1000
-    assert "| rank |" in (out / "report" / "top_influential.md").read_text()
+    top = (out / "report" / "top_influential.md").read_text()
+    assert "| rank |" in top and "| judged |" in top
+    first = next(line for line in top.splitlines() if line.startswith("| 1 |"))
+    assert "| yes |" in first  # the demo's top driver says the harmful thing itself
     assert (out / "report" / "layer_attribution.csv").read_text().startswith("layer,attn,mlp\n")
     # every query in parts: its whole response, the demo judge's match, its opening tokens
     found = re.search(r"score: (\d+) queries in (\d+) query batches \(influence.query_parts="

@@ -14,6 +14,7 @@ from operators.attribution import mean_group_shares  # noqa: E402
 from operators.metrics import precision_recall_curve  # noqa: E402
 from pipeline.artifacts import Selection  # noqa: E402
 from pipeline.dag import StageContext  # noqa: E402
+from pipeline.judge import Judge, judge_config  # noqa: E402
 
 TOP = 20
 
@@ -107,19 +108,26 @@ def _relearning(metrics, out) -> None:
     plt.close(fig)
 
 
-def _top_table(table, label, selection: Selection, out) -> None:
+def _top_table(table, label, selection: Selection, judge: Judge, out) -> None:
+    """The top and bottom ``TOP`` samples with their text; ``judged``: whether the judge flags
+    the sample's own response (as ``detect/positive_judged_share`` counts it)."""
     rows = sorted(range(len(table["id"])), key=lambda i: table["rank"][i])
-    text = selection.rows_at(rows[:TOP] + rows[::-1][:TOP], "prompt", "response")
+    shown = list(dict.fromkeys(rows[:TOP] + rows[::-1][:TOP]))
+    text = selection.rows_at(shown, "prompt", "response")
+    flagged = dict(zip(shown, judge.flags([str(text[i]["response"]) for i in shown])))
     lines = ["# Most influential training samples", "",
-             "Positive scores drive the observed behaviour; negative ones inhibit it.", ""]
+             "Positive scores drive the observed behaviour; negative ones inhibit it. *judged*: "
+             "the judge flags the sample's own response (a sample can drive a behaviour without "
+             "showing it).", ""]
     for title, chosen in (("Top positive", rows[:TOP]), ("Top negative", rows[::-1][:TOP])):
         lines += [f"## {title}", "", "| rank | id | score | set |"
-                  + (f" {label} |" if label else "") + " prompt | response |",
-                  "|---|---|---|---|" + ("---|" if label else "") + "---|---|"]
+                  + (f" {label} |" if label else "") + " judged | prompt | response |",
+                  "|---|---|---|---|" + ("---|" if label else "") + "---|---|---|"]
         for i in chosen:
             cells = [str(table["rank"][i]), str(table["id"][i]), f"{table['score'][i]:.3f}",
                      table["set"][i]] + ([str(table[label][i])] if label else []) + [
-                _cell(text[i]["prompt"]), _cell(text[i]["response"])]
+                "yes" if flagged[i] else "no", _cell(text[i]["prompt"]),
+                _cell(text[i]["response"])]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     (out / "top_influential.md").write_text("\n".join(lines))
@@ -191,5 +199,5 @@ def run(ctx: StageContext) -> dict:
         _pr_curve(table, label, metrics, out)
     _rates(metrics, out)
     _relearning(metrics, out)
-    _top_table(table, label, selection, out)
+    _top_table(table, label, selection, Judge(judge_config(ctx.cfg.judge)), out)
     return _attribution(selection, out)

@@ -49,6 +49,6 @@ STAGES = [
     Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge", "eval"), "eval",
           artifacts=("metrics.json",), reads=evaluate_reads,
           version="4"),  # 3: over-refusal and relearning (issue #15); 4: judged_sets
-    Stage("report", report.run, ("prepare", "select", "evaluate"), (), "report",
-          artifacts=(".",), version="3"),  # 3: per-sublayer attribution (issue #17)
+    Stage("report", report.run, ("prepare", "select", "evaluate"), ("judge",), "report",
+          artifacts=(".",), version="4"),  # 3: per-sublayer attribution (#17); 4: judged column
 ]
