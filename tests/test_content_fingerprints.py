@@ -72,5 +72,7 @@ def test_a_classifier_judge_edited_in_place_changes_the_evaluate_key(tmp_path):
     cfg = compose_typed(["judge=classifier", f"judge.path={judge}"])
     cfg.cache_dir = str(tmp_path / "cache")
     first = fingerprint(STAGE["evaluate"], cfg, UPSTREAM)
+    report = fingerprint(STAGE["report"], cfg, UPSTREAM)  # its table reads the judge too
     (judge / "config.json").write_text('{"labels": 3}')
     assert fingerprint(STAGE["evaluate"], cfg, UPSTREAM) != first
+    assert fingerprint(STAGE["report"], cfg, UPSTREAM) != report

@@ -22,7 +22,7 @@ def ibo_reads(cfg: LancetConf) -> dict[str, str]:
     return {"ibo.deepspeed_config": str(specs.deepspeed_path(cfg))}
 
 
-def evaluate_reads(cfg: LancetConf) -> dict[str, str]:
+def judge_reads(cfg: LancetConf) -> dict[str, str]:
     return {"judge.path": cfg.judge.path}  # a classifier judge's folder (empty: keyword judge)
 
 
@@ -47,8 +47,9 @@ STAGES = [
     Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed", "cluster.num_workers"), "ibo",
           reads=ibo_reads, curves=("curve.jsonl",), model="model"),
     Stage("evaluate", evaluate.run, ("prepare", "select", "ibo"), ("judge", "eval"), "eval",
-          artifacts=("metrics.json",), reads=evaluate_reads,
+          artifacts=("metrics.json",), reads=judge_reads,
           version="4"),  # 3: over-refusal and relearning (issue #15); 4: judged_sets
     Stage("report", report.run, ("prepare", "select", "evaluate"), ("judge",), "report",
-          artifacts=(".",), version="4"),  # 3: per-sublayer attribution (#17); 4: judged column
+          artifacts=(".",), reads=judge_reads,
+          version="4"),  # 3: per-sublayer attribution (issue #17); 4: the judged column
 ]
