@@ -49,22 +49,22 @@ def _sample_responses(path: Path, id_col: str, text_col: str, seed: int, limit: 
     never more than ``limit`` rows in memory however large the set)."""
     if not path.is_file():
         return []
-    kept: dict[str, tuple[int, str]] = {}
-    heap: list[tuple[int, str]] = []  # (-hash, id): the largest kept hash on top
+    heap: list[tuple[int, str, str]] = []  # (-hash, id, text): the largest kept hash on top
+    held: set[str] = set()
     for batch in pq.ParquetFile(path).iter_batches(columns=[id_col, text_col], batch_size=4096):
         for row_id, text in zip(*(batch.column(c).to_pylist() for c in (id_col, text_col))):
+            if row_id in held:
+                continue
             key = int.from_bytes(hashlib.blake2b(f"{seed}:{row_id}".encode(),
                                                  digest_size=8).digest(), "big")
-            if row_id in kept:
-                continue
             if len(heap) < limit:
-                heapq.heappush(heap, (-key, row_id))
+                heapq.heappush(heap, (-key, row_id, str(text)))
             elif key < -heap[0][0]:
-                kept.pop(heapq.heapreplace(heap, (-key, row_id))[1])
+                held.discard(heapq.heapreplace(heap, (-key, row_id, str(text)))[1])
             else:
                 continue
-            kept[row_id] = (key, str(text))
-    return [text for _, text in sorted(kept.values())]
+            held.add(row_id)
+    return [text for _, _, text in sorted(heap, reverse=True)]
 
 
 def judged_sets(selection: Selection, judge: Judge, seed: int, limit: int = JUDGED_ROWS) -> dict:
