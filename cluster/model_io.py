@@ -101,12 +101,25 @@ def register_attention() -> str:
 
 def attention_for(config, wants_probabilities: bool) -> str | None:
     """``lancet_sdpa`` where LinFAC needs ā; eager for a model with logit soft-capping (which
-    SDPA cannot do); None (the model's default) otherwise."""
+    SDPA cannot do) or whose attention does not go through transformers' attention interface
+    (GPT-J, Falcon, BLOOM: loading them with a registered implementation fails); None (the
+    model's default) otherwise."""
     if not wants_probabilities:
         return None
-    if getattr(config, "attn_logit_softcapping", None):
+    if getattr(config, "attn_logit_softcapping", None) or not _takes_attention_interface(config):
         return "eager"
     return register_attention()
+
+
+def _takes_attention_interface(config) -> bool:
+    """Whether the causal-LM class of ``config`` accepts a registered attention function.
+    A class transformers cannot name from the config (remote code) is assumed to."""
+    from transformers import AutoModelForCausalLM
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return True
+    return bool(getattr(model_class, "_supports_attention_backend", False))
 
 
 def load_model(path: str | Path, dtype: str = "float32", eager_attention: bool = True,

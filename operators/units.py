@@ -21,7 +21,7 @@ from torch import nn
 
 from operators.errors import UserError
 
-ATTENTION_NAMES = ("attn", "self_attn", "attention")
+ATTENTION_NAMES = ("attn", "self_attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward")
 SPLIT_FFN_NAMES = (("fc1", "fc2"),)
 
