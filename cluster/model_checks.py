@@ -54,17 +54,42 @@ def check_model_fits(path: str | Path, max_length: int, trust_remote_code: bool 
                              "the tokenizer does not belong to these weights")
 
 
+def weightless_model(path: str | Path, trust_remote_code: bool = False):
+    """The model at ``path`` built on the meta device (no weights read), or None for an
+    architecture that cannot be built so (the jobs' own loading then says what is wrong)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:
+        return None
+
+
+def check_units(path: str | Path, method: str, module_filter: str = "",
+                trust_remote_code: bool = False) -> list[str]:
+    """The model can be cut into ``method``'s units (else ``UnsupportedModelError`` now, not in
+    the factor job's workers); returns the blocks' weight matrices no unit covers, which the
+    caller reports (an empty list under a ``module_filter``, which leaves the rest out on
+    purpose)."""
+    from operators.methods import get_method
+    from operators.units import discover_units, uncovered_weights
+    if get_method(method).units is None:
+        return []
+    model = weightless_model(path, trust_remote_code)
+    if model is None:
+        return []
+    units = discover_units(model, method, module_filter)
+    return [] if module_filter else uncovered_weights(model, units)
+
+
 def check_lora_targets(path: str | Path, targets, trust_remote_code: bool = False) -> None:
     """Each of ``ibo.lora.target_modules`` names a module of the model (peft's rule: the module's
     name, or the end of its dotted path), read from a weightless copy of the model."""
     if not targets:
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception:  # an architecture that cannot be built weightless: the job's peft checks
+    model = weightless_model(path, trust_remote_code)
+    if model is None:  # the job's peft checks
         return
     names = [name for name, _ in model.named_modules() if name]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]

@@ -116,6 +116,17 @@ def discover_units(model: nn.Module, method: str, module_filter: str = "") -> li
     return units
 
 
+def uncovered_weights(model: nn.Module, units: list[Unit]) -> list[str]:
+    """The blocks' weight matrices (parameters of two or more dimensions) that no unit's modules
+    hold: they get no curvature and add nothing to the scores, e.g. the fused experts of a
+    mixture-of-experts block under ``ekfac``, which are not linear modules."""
+    covered = {id(p) for u in units for m in {u.input_module, u.output_module}
+               for p in m.parameters()}
+    prefix, blocks = find_blocks(model)
+    return [f"{prefix}.{name}" for name, p in blocks.named_parameters()
+            if p.dim() >= 2 and id(p) not in covered]
+
+
 def _sublayer_units(model: nn.Module, block: nn.Module, block_name: str) -> list[Unit]:
     width = _model_width(model)
     attn_name, attn = _child(block, ATTENTION_NAMES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 
@@ -174,11 +175,24 @@ def check_inputs(cfg: LancetConf, corrects: bool = True) -> None:
     """The files the config names, as far as a glance can tell (the rows are read by prepare);
     ``corrects``: the run goes as far as the correction (its DeepSpeed JSON and the classifier
     judge of the evaluation after it are read)."""
-    from cluster.model_checks import check_classifier_dir, check_lora_targets, check_model_fits
+    from cluster.model_checks import (
+        check_classifier_dir,
+        check_lora_targets,
+        check_model_fits,
+        check_units,
+    )
     from cluster.model_io import check_model_dir
     if cfg.model.path:
         check_model_dir(cfg.model.path)
         check_model_fits(cfg.model.path, max_length_of(cfg), cfg.model.trust_remote_code)
+        uncovered = check_units(cfg.model.path, cfg.influence.method,
+                                cfg.influence.module_filter, cfg.model.trust_remote_code)
+        if uncovered:
+            logging.getLogger("lancet").warning(
+                f"influence.method={cfg.influence.method}: {len(uncovered)} weight matrices of "
+                f"the model's blocks are not linear modules and get no curvature, so they add "
+                f"nothing to the scores (e.g. {', '.join(uncovered[:3])}); influence.method="
+                "linfac covers every sublayer")
         if corrects and cfg.ibo.lora.enabled:
             check_lora_targets(cfg.model.path, cfg.ibo.lora.target_modules,
                                cfg.model.trust_remote_code)

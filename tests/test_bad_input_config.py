@@ -4,6 +4,8 @@ harm) only inside a stage: each is refused before any stage runs, naming the key
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import pytest
 from test_configs import compose_typed
@@ -202,3 +204,44 @@ def test_a_tracking_store_that_cannot_open_fails_before_any_stage(tmp_path, uri,
         run_pipeline(cfg, {})
     assert why in str(err.value)
     assert not (tmp_path / "c").exists()
+
+
+def _config_only(path, model_type, tokenizer_from=None, **fields):
+    """A model folder holding only a config.json (enough for the weightless start-up checks)."""
+    from transformers import AutoConfig
+    AutoConfig.for_model(model_type, **fields).save_pretrained(path)
+    if tokenizer_from is not None:
+        from cluster.model_io import load_tokenizer
+        load_tokenizer(tokenizer_from).save_pretrained(path)
+    return path
+
+
+def test_an_architecture_lancet_cannot_cut_into_units_fails_at_start(model_dir, tmp_path):
+    from operators.units import UnsupportedModelError
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    bert = _config_only(tmp_path / "bert", "bert", model_dir, vocab_size=vocab, hidden_size=16,
+                        num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        is_decoder=True)
+    (bert / "model.safetensors").write_bytes(b"")  # never read: the check builds it weightless
+    with pytest.raises(UnsupportedModelError, match="of BertLMHeadModel has attention but no"):
+        specs.check_inputs(_user(bert))
+    specs.check_inputs(_user(bert, "influence=repsim"))  # takes no gradients: no units
+
+
+def test_block_weights_no_unit_covers_are_named_for_the_user(model_dir, tmp_path, caplog):
+    from cluster.model_checks import check_units
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    mixtral = _config_only(tmp_path / "mixtral", "mixtral", model_dir, vocab_size=vocab,
+                           hidden_size=16,
+                           intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1)
+    uncovered = check_units(mixtral, "ekfac")
+    assert {n.split(".mlp.")[1] for n in uncovered} == {"experts.gate_up_proj", "experts.down_proj",
+                                                       "gate.weight"}  # fused, and the router
+    assert check_units(mixtral, "linfac") == []  # the whole feed-forward sublayer is one unit
+    assert check_units(mixtral, "ekfac", module_filter="q_proj") == []  # left out on purpose
+    (mixtral / "model.safetensors").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="lancet"):
+        specs.check_inputs(_user(mixtral, "influence=ekfac"), corrects=False)
+    assert re.search(r"influence.method=ekfac: 6 weight matrices of the model's blocks are not "
+                     r"linear modules .* influence.method=linfac covers every sublayer", caplog.text)
