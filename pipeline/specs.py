@@ -189,7 +189,8 @@ def check_inputs(cfg: LancetConf, corrects: bool = True) -> None:
                                 cfg.influence.module_filter, cfg.model.trust_remote_code)
         if uncovered:
             logging.getLogger("lancet").warning(
-                f"influence.method={cfg.influence.method}: {len(uncovered)} weight matrices of "
+                f"warning: influence.method={cfg.influence.method}: {len(uncovered)} weight "
+                f"matrices of "
                 f"the model's blocks are not linear modules and get no curvature, so they add "
                 f"nothing to the scores (e.g. {', '.join(uncovered[:3])}); influence.method="
                 "linfac covers every sublayer")
