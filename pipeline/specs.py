@@ -190,10 +190,9 @@ def check_inputs(cfg: LancetConf, corrects: bool = True) -> None:
         if uncovered:
             logging.getLogger("lancet").warning(
                 f"warning: influence.method={cfg.influence.method}: {len(uncovered)} weight "
-                f"matrices of "
-                f"the model's blocks are not linear modules and get no curvature, so they add "
-                f"nothing to the scores (e.g. {', '.join(uncovered[:3])}); influence.method="
-                "linfac covers every sublayer")
+                "matrices of the model's blocks are not linear modules and get no curvature, "
+                f"so they add nothing to the scores (e.g. {', '.join(uncovered[:3])}); "
+                "influence.method=linfac covers every sublayer")
         if corrects and cfg.ibo.lora.enabled:
             check_lora_targets(cfg.model.path, cfg.ibo.lora.target_modules,
                                cfg.model.trust_remote_code)
