@@ -115,6 +115,9 @@ class Tracker:
                 self._call(self.mlflow.log_artifact, str(config_file))
             yield run.info.run_id
             status = "FINISHED"
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+            status = "KILLED"
+            raise
         finally:
             self._end(status)
 
@@ -150,6 +153,9 @@ class Tracker:
         try:
             yield
             status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             self._end(status)
 

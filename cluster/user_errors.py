@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import signal
+import threading
 from collections.abc import Callable, Iterator
 
 from operators.errors import UserError
@@ -37,12 +39,46 @@ class _Latch:
 
 def fit_torch_trainer(train_func: Callable[[dict], None], config: dict, **trainer_kwargs):
     """``TorchTrainer(train_func, train_loop_config=config, **trainer_kwargs).fit()``'s result,
-    or the ``UserError`` one of its workers raised, raised here after a single try."""
-    from ray.train.torch import TorchTrainer
+    or the ``UserError`` one of its workers raised, raised here after a single try;
+    ``KeyboardInterrupt`` after Ctrl-C has aborted the run."""
     with _latch() as latch:
-        trainer = TorchTrainer(_ends_on_user_error(train_func),
-                               train_loop_config={**config, _LATCH: latch}, **trainer_kwargs)
+        trainer = _trainer_class()(_ends_on_user_error(train_func),
+                                   train_loop_config={**config, _LATCH: latch}, **trainer_kwargs)
         return _fit(trainer, latch)
+
+
+def _trainer_class():
+    """``TorchTrainer`` whose Ctrl-C aborts the run as Ray Train's does and then lets ``fit``
+    raise ``KeyboardInterrupt``. Ray's own handler ends the driver with ``sys.exit`` (exit 1,
+    not a word of which stage stopped) and stays installed after ``fit`` returns."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller) -> None:
+            def handler(signum, frame):
+                if self.interrupted:  # a second Ctrl-C: stop waiting for the abort
+                    raise KeyboardInterrupt
+                self.interrupted = True
+                controller.abort.remote()
+
+            signal.signal(signal.SIGINT, handler)
+
+    return Trainer
+
+
+@contextlib.contextmanager
+def _keeps_sigint_handler() -> Iterator[None]:
+    """The SIGINT handler as it was before the block (``fit`` installs its own)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -103,13 +139,18 @@ def _kept(latch) -> UserError | None:
 def _fit(trainer, latch):
     """``trainer.fit()``'s result, or the user error a worker kept (whether Ray Train then
     failed the run or a retry ended at once)."""
-    try:
-        result = trainer.fit()
-    except Exception as err:
-        kept = _kept(latch)
-        if kept is not None:
-            raise kept from err
-        raise
+    with _keeps_sigint_handler():
+        try:
+            result = trainer.fit()
+        except Exception as err:
+            if getattr(trainer, "interrupted", False):
+                raise KeyboardInterrupt from err
+            kept = _kept(latch)
+            if kept is not None:
+                raise kept from err
+            raise
+    if getattr(trainer, "interrupted", False):
+        raise KeyboardInterrupt
     kept = _kept(latch)
     if kept is not None:
         raise kept

@@ -17,7 +17,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from pipeline.artifacts import CATALOG
 from pipeline.config import LancetConf
 from pipeline.content import content_fingerprints
 from pipeline.faults import write_fault
+from pipeline.interrupt import as_interrupted
 from pipeline.records import DONE
 
 TMP = ".tmp-"  # a stage's temporary folder: .<fingerprint>.tmp-<host>-<pid>
@@ -236,7 +238,7 @@ def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], 
     for stage in order(stages):
         fp = fingerprint(stage, cfg, prints)
         recorded = (cache / stage.name / fp / DONE).is_file()
-        with tracker.stage(stage.name, recorded, fp):
+        with tracker.stage(stage.name, recorded, fp), _names_stage(stage.name):
             log(f"stage {stage.name} [{fp}] ...")
             path, metrics, cached = run_stage(stage, cfg, {k: paths[k] for k in stage.inputs},
                                               fp, cache, log, cfg.pipeline.verify)
@@ -252,6 +254,19 @@ def run_dag(stages: list[Stage], cfg: LancetConf, tracker, log: Callable[[str], 
         log(f"stage {stage.name} reused from cache" if cached else
             f"stage {stage.name} done ({metrics.get(f'time/{stage.name}_s', 0):.1f} s)")
     return results
+
+
+@contextmanager
+def _names_stage(name: str) -> Iterator[None]:
+    """An interrupt (Ctrl-C, SIGTERM) leaves the block as ``Interrupted`` naming the stage."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        interrupted = as_interrupted(err)
+        interrupted.stage = interrupted.stage or name
+        if interrupted is err:
+            raise
+        raise interrupted from err
 
 
 def _log_outputs(tracker, stage: Stage, path: Path, fp: str, log: Callable[[str], None]) -> None:

@@ -20,6 +20,8 @@ from pipeline import specs
 from pipeline.config import LancetConf, to_typed
 from pipeline.dag import run_dag, select_until, to_compute
 from pipeline.faults import EXIT_CODE, write_fault
+from pipeline.interrupt import as_interrupted, rearm_sigterm, sigterm_interrupts
+from pipeline.interrupt import message as interrupt_message
 from pipeline.locations import check_folder
 from pipeline.records import CacheError
 from pipeline.stages.table import CLUSTER_STAGES, STAGES
@@ -80,6 +82,7 @@ def run_pipeline(cfg: LancetConf, resolved: dict, name: str = "lancet", sweep: s
         raise TrackingError(_unopened(tracker.uri, tracker.failure))
     if set(to_compute(stages, cfg)) & set(CLUSTER_STAGES):  # a cached run starts no Ray
         connect(specs.cluster(cfg))  # fails at once if the workers can never be placed
+        rearm_sigterm()
     log.info(f"output_dir: {output.resolve()}")
     log.info(f"cache_dir:  {Path(cfg.cache_dir).resolve()}")
     # The run's config.yaml joins output_dir with its first published stage: a run that fails
@@ -138,11 +141,18 @@ def _unopened(uri: str, failure: str) -> str:
 def run_from_hydra(cfg) -> int:
     """Entry used by ``python -m pipeline``; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="[lancet] %(message)s", force=True)
+    typed = None
     try:
         check_sweep()  # a multirun's first job checks every job before any runs
         typed = to_typed(cfg)
         resolved = asdict(typed)  # what the run uses: demo-only defaults already resolved
-        out = run_pipeline(typed, resolved, *hydra_run())
+        with sigterm_interrupts():
+            out = run_pipeline(typed, resolved, *hydra_run())
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM from `ray job stop`
+        stop = as_interrupted(err)
+        cache = Path(typed.cache_dir if typed is not None else cfg.cache_dir).resolve()
+        print(f"error: {interrupt_message(stop, str(cache))}", file=sys.stderr)
+        return stop.exit_code
     except (CacheError, TrackingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CODE

@@ -318,3 +318,46 @@ def test_a_killed_driver_reruns_skipping_finished_stages_and_resumes_scoring_by_
     assert sorted(got) == sorted(calm)  # every id once
     torch.testing.assert_close(torch.tensor([got[i] for i in calm]),
                                torch.tensor(list(calm.values())), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "ray-job-stop"])
+def test_an_interrupted_run_ends_with_one_line_and_its_runs_killed(tmp_path, demo_run, sig):
+    """Ctrl-C (Ray Train's handler used to end the driver with exit 1 and no word) and SIGTERM,
+    what `ray job stop` sends (Ray's own handler aborted the driver, exit 134, `.pending` and
+    RUNNING MLflow runs left behind), during the factor fit: exit 128 + the signal, one line
+    naming the stage, the MLflow runs KILLED, nothing half-written."""
+    import sqlite3
+    cache = copy_cache(demo_run[0], tmp_path / "cache", stages=("prepare",))
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "pipeline", *DEMO, "pipeline.until=fit_factors",
+            f"cache_dir={cache}", f"output_dir={out}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            start_new_session=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "stage fit_factors [" in line:
+                break
+        time.sleep(3)  # inside Ray Train's fit
+        os.kill(proc.pid, sig)
+        lines += proc.stderr.readlines()
+        proc.wait(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    text = "".join(lines)
+    assert proc.returncode == 128 + sig, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert text.rstrip().splitlines()[-1] == (
+        f"error: interrupted by {signal.Signals(sig).name} during stage fit_factors: finished "
+        f"stages (and finished score shards) are kept in {cache}; run the same command again "
+        "to resume")
+    db = sqlite3.connect(out / "mlflow.db")
+    status = dict(db.execute("select name, status from runs").fetchall())
+    assert status.pop("fit_factors") == "KILLED" and status.pop("prepare") == "FINISHED"
+    assert list(status.values()) == ["KILLED"]  # the invocation's parent run
+    assert not (out / ".pending").exists()
+    intact(cache)
+    assert not list(cache.glob("fit_factors/*/stage.json"))
