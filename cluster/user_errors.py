@@ -21,6 +21,40 @@ from collections.abc import Callable, Iterator
 from operators.errors import UserError
 
 _LATCH = "user_error_latch"
+# The CPU allocator's words for an allocation the machine cannot give (a RuntimeError).
+CPU_OOM = "DefaultCPUAllocator: not enough memory"
+MEMORY_ADVICE = (
+    "lower the rows per batch (cluster.batch_size for fit_factors and score, ibo.batch_size for "
+    "ibo) or model.max_length, set influence.query_rank for score, or give ibo a DeepSpeed "
+    "config with a higher ZeRO stage (ibo.deepspeed_config) or ibo.lora.enabled=true; "
+    "`python -m pipeline.plan` prints each stage's peak memory per GPU")
+
+
+class DeviceMemoryError(UserError):
+    """The device (or the host) ran out of memory: a setting too large for the hardware, which
+    fails the same way on every try, so it is not retried."""
+
+
+def as_memory_error(err: BaseException) -> DeviceMemoryError | None:
+    """``err`` (or what it wraps) as a ``DeviceMemoryError`` when it is torch's out-of-memory
+    error (CUDA) or the CPU allocator's; Ray passes a worker's error on wrapped, or as text."""
+    import torch
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, DeviceMemoryError):
+            return seen
+        if isinstance(seen, torch.OutOfMemoryError) or CPU_OOM in str(seen):
+            break
+        seen = seen.__cause__ or seen.__context__
+    text = str(seen if seen is not None else err)
+    marker = next((m for m in ("OutOfMemoryError: ", CPU_OOM) if m in text), None)
+    if seen is None and marker is None:
+        return None
+    line = next((ln for ln in text.splitlines() if marker and marker in ln), text.strip())
+    if marker == "OutOfMemoryError: ":
+        line = line.split(marker, 1)[1]
+    why = (line.strip().splitlines() or [type(err).__name__])[0][:300]
+    return DeviceMemoryError(f"out of memory ({why}): {MEMORY_ADVICE}")
 
 
 class _Latch:
@@ -108,22 +142,33 @@ def _drivers_node():
 
 
 def _ends_on_user_error(train_func: Callable[[dict], None]) -> Callable[[dict], None]:
-    """``train_func`` whose ``UserError`` is kept in ``config[_LATCH]`` before it propagates, and
-    which returns at once when an earlier try of the run kept one."""
+    """``train_func`` whose ``UserError`` (an out-of-memory error becomes one) is kept in
+    ``config[_LATCH]`` before it propagates, and which returns at once when an earlier try of
+    the run kept one."""
 
     @functools.wraps(train_func)
     def run(config: dict) -> None:
-        import ray
         latch = config[_LATCH]
         if _kept(latch) is not None:
             return  # an earlier try failed on bad input: this one would too
         try:
             train_func(config)
         except UserError as err:
-            with contextlib.suppress(ray.exceptions.RayActorError):
-                ray.get(latch.keep.remote(err))
+            _keep(latch, err)
             raise
+        except Exception as err:
+            memory = as_memory_error(err)
+            if memory is None:
+                raise
+            _keep(latch, memory)
+            raise memory from err
     return run
+
+
+def _keep(latch, err: UserError) -> None:
+    import ray
+    with contextlib.suppress(ray.exceptions.RayActorError):
+        ray.get(latch.keep.remote(err))
 
 
 def _kept(latch) -> UserError | None:

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from cluster.runtime import connect, unreachable
 from cluster.tracking import Tracker, tracking_schemes
+from cluster.user_errors import as_memory_error
 from operators.errors import UserError
 from pipeline import specs
 from pipeline.config import LancetConf, to_typed
@@ -169,7 +170,7 @@ def _report(err: Exception) -> int:
     if fault is not None:
         print(f"error: {fault}", file=sys.stderr)
         return EXIT_CODE
-    cause = _user_cause(err)
+    cause = as_memory_error(err) or _user_cause(err)
     if cause is not None:
         print(f"error: {cause}", file=sys.stderr)
         return 2
