@@ -71,7 +71,7 @@ ALTERNATIVES = {"ibo": ({"granularity": "token", "beta": 1.0},
 # columns, so on a converged habit α 0.6 took in a third false positives (docs/METHOD.md §4).
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.95)
 ONE_AT_A_TIME = {"ibo": {"alpha": ALPHAS, "beta": (0.3, 10.0), "gamma": (0.3, 1.0, 3.0),
-                         "rejected_tokens": ("all",)},
+                         "rejected_tokens": ("all",), "pair_power": (1.0, 4.0, 16.0)},
                  "npo": {"alpha": ALPHAS, "beta": (0.05, 0.5), "gamma": (0.3, 3.0)},
                  "simnpo": {"alpha": ALPHAS, "beta": (1.0, 5.0), "gamma": (0.3, 3.0)},
                  "ga_kl": {"alpha": ALPHAS, "gamma": (0.3, 3.0)}}
@@ -95,23 +95,27 @@ class Knobs:
     batch_size: int = 8
     granularity: str = "sequence"
     rejected_tokens: str = "distinct"
+    pair_power: float = 1.0  # influence.pair_power: only IBO reads the pairs' ε
 
     def label(self) -> str:
         form = f" per-{self.granularity}" if self.method == "ibo" else ""
         if self.method == "ibo" and self.granularity == "token" and self.rejected_tokens == "all":
             form += " all-tokens"
+        power = f" p={self.pair_power:g}" if self.method == "ibo" else ""
         return (f"{self.method}{form} lr={self.lr:g} steps={self.steps} β={self.beta:g} "
-                f"γ={self.gamma:g} α={self.alpha:g}")
+                f"γ={self.gamma:g} α={self.alpha:g}{power}")
 
 
 def yaml_defaults(method: str) -> Knobs:
     """The method's defaults as ``conf/ibo/<method>.yaml`` and the schema set them."""
     conf = yaml.safe_load((PROJECT / "conf" / "ibo" / f"{method}.yaml").read_text())
-    alpha = yaml.safe_load((PROJECT / "conf" / "influence" / "linfac.yaml").read_text())["alpha"]
+    influence = yaml.safe_load((PROJECT / "conf" / "influence" / "linfac.yaml").read_text())
     return Knobs(method, float(conf["lr"]), int(conf["steps"]), float(conf.get("beta", 0.1)),
-                 float(conf.get("gamma", 1.0)), float(conf.get("delta", 0.0)), float(alpha),
-                 int(conf["batch_size"]), str(conf.get("granularity", "sequence")),
-                 str(conf.get("rejected_tokens", "distinct")))
+                 float(conf.get("gamma", 1.0)), float(conf.get("delta", 0.0)),
+                 float(influence["alpha"]), int(conf["batch_size"]),
+                 str(conf.get("granularity", "sequence")),
+                 str(conf.get("rejected_tokens", "distinct")),
+                 float(influence["pair_power"]) if method == "ibo" else 1.0)
 
 
 def sweep(method: str) -> list[Knobs]:
@@ -161,11 +165,12 @@ def prepare(s: Scenario, root: Path) -> Case | None:
     return case
 
 
-def selected_rows(case: Case, alpha: float, method: str) -> tuple[dict[str, list[dict]], dict]:
+def selected_rows(case: Case, alpha: float, method: str,
+                  pair_power: float = 1.0) -> tuple[dict[str, list[dict]], dict]:
     """The datasets ``method`` reads at ``alpha`` (select stage's files) and the set sizes."""
-    out = case.root / f"alpha-{alpha:g}"
-    sizes = write_selection(case.ranked, SelectionConfig(alpha=alpha), out / "scores",
-                            out / "select", "planted")
+    out = case.root / f"alpha-{alpha:g}-p{pair_power:g}"
+    sizes = write_selection(case.ranked, SelectionConfig(alpha=alpha, pair_power=pair_power),
+                            out / "scores", out / "select", "planted")
     import pyarrow.parquet as pq
     rows = {n: pq.read_table(out / "select" / f"{n}.parquet").to_pylist()
             for n in get_objective(method).datasets}
@@ -194,7 +199,7 @@ def evaluate(model, tok, case: Case) -> dict:
 
 
 def run(case: Case, k: Knobs, relearn_too: bool = False) -> dict:
-    rows, sizes = selected_rows(case, k.alpha, k.method)
+    rows, sizes = selected_rows(case, k.alpha, k.method, k.pair_power)
     if any(not r for r in rows.values()):
         return {"knobs": k, "skipped": f"empty set at α={k.alpha}: {sizes}"}
     began = time.perf_counter()

@@ -41,7 +41,7 @@ def write_selection(ranked: Path, config: SelectionConfig, scores_dir: Path, sel
     table = table.select(front + [c for c in table.column_names if c not in front])
     _write_table(table, scores_dir / SCORES_FILE)
     core = table.select(text_columns(table.column_names) + ["score"])
-    outputs = {"pairs": _pairs(core, scores, sets, seed, inhibition),
+    outputs = {"pairs": _pairs(core, scores, sets, seed, inhibition, config.pair_power),
                "positive": _positive(core, sets),
                "neutral": core.filter(pa.array(sets == NEUTRAL)),
                "retain": core.filter(pa.array((sets == NEUTRAL) | (sets == NEGATIVE)))}
@@ -57,9 +57,9 @@ def write_selection(ranked: Path, config: SelectionConfig, scores_dir: Path, sel
 
 
 def _pairs(core: pa.Table, scores: np.ndarray, sets: np.ndarray, seed: int,
-           inhibition: np.ndarray | None) -> pa.Table:
+           inhibition: np.ndarray | None, power: float = 1.0) -> pa.Table:
     """``pos_*``/``neg_*`` columns and ε per pair (none unless both sets exist)."""
-    pairs = make_pairs(scores, sets, seed, inhibition) if _has_both(sets) else []
+    pairs = make_pairs(scores, sets, seed, inhibition, power) if _has_both(sets) else []
     columns = {}
     for prefix, side in (("pos_", 0), ("neg_", 1)):
         picked = core.take(pa.array([p[side] for p in pairs], type=pa.int64()))

@@ -35,16 +35,20 @@ POSITIVE, NEGATIVE, NEUTRAL, EXCLUDED = "positive", "negative", "neutral", "excl
 
 @dataclass(frozen=True)
 class SelectionConfig:
-    """``influence.alpha`` ∈ (0, 1] and ``influence.max_fraction`` ∈ (0, 1)."""
+    """``influence.alpha`` ∈ (0, 1], ``influence.max_fraction`` ∈ (0, 1) and
+    ``influence.pair_power`` ≥ 1 (the power on each IBO pair's ε, ``make_pairs``)."""
 
     alpha: float = 0.6
     max_fraction: float = 0.2
+    pair_power: float = 8.0
 
     def __post_init__(self) -> None:
         if not (0.0 < float(self.alpha) <= 1.0):
             raise UserError(f"influence.alpha={self.alpha}: must be in (0, 1]")
         if not (0.0 < float(self.max_fraction) < 1.0):
             raise UserError(f"influence.max_fraction={self.max_fraction}: must be in (0, 1)")
+        if not float(self.pair_power) >= 1.0:
+            raise UserError(f"influence.pair_power={self.pair_power}: must be at least 1")
 
 
 def _pareto_prefix(values: np.ndarray, alpha: float, cap: int) -> np.ndarray:
@@ -88,11 +92,15 @@ def _typical(scores: np.ndarray) -> float:
 
 
 def make_pairs(scores: np.ndarray, sets: np.ndarray, seed: int = 0,
-               inhibition: np.ndarray | None = None) -> list[tuple[int, int, float]]:
+               inhibition: np.ndarray | None = None,
+               power: float = 1.0) -> list[tuple[int, int, float]]:
     """(z+ index, z− index, ε) pairs: both sets shuffled, the smaller one cycled.
 
     ε = (I(z+) − I(z−)) / (max I − min I) over the selected sets, in (0, 1], with I(z+) the
-    score and I(z−) the inhibition (the score when None).
+    score and I(z−) the inhibition (the score when None). With ``power`` p > 1 each ε becomes
+    ε^p, rescaled so that the pairs' mean ε is unchanged: the correction's weight moves to the
+    pairs whose z+ is the most influential (and away from the tail of D_IF+, where false
+    positives sit) without changing its overall step.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if inhibition is not None:
@@ -109,6 +117,9 @@ def make_pairs(scores: np.ndarray, sets: np.ndarray, seed: int = 0,
     n = max(len(pos), len(neg))
     selected = scores[pos + neg]
     spread = float(selected.max() - selected.min()) or 1.0
-    return [(pos[i % len(pos)], neg[i % len(neg)],
-             float(scores[pos[i % len(pos)]] - scores[neg[i % len(neg)]]) / spread)
-            for i in range(n)]
+    pairs = [(pos[i % len(pos)], neg[i % len(neg)]) for i in range(n)]
+    eps = np.array([scores[p] - scores[q] for p, q in pairs]) / spread
+    if power != 1.0:
+        sharp = eps ** power
+        eps = sharp * (eps.mean() / sharp.mean()) if sharp.mean() > 0 else eps
+    return [(p, q, float(e)) for (p, q), e in zip(pairs, eps, strict=True)]

@@ -72,6 +72,9 @@ class InfluenceConf:
     # defaults by bench.correction_suite (docs/METHOD.md section 5).
     alpha: float = 0.6
     max_fraction: float = 0.2
+    # Each IBO pair's weight ε raised to this power (mean ε kept): the correction leans on the
+    # pairs whose z+ is most influential. 1: the plain ε. 8: chosen by bench.correction_suite.
+    pair_power: float = 8.0
     # Queries averaged into one preconditioned query (1 = single-query mode).
     query_batch_size: int = 1
     # Which queries share a batch when query_batch_size > 1: similarity (default: queries whose

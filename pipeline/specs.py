@@ -78,7 +78,8 @@ def judge_patterns(cfg: LancetConf) -> tuple[str, ...]:
 
 
 def selection(cfg: LancetConf) -> SelectionConfig:
-    return SelectionConfig(alpha=cfg.influence.alpha, max_fraction=cfg.influence.max_fraction)
+    return SelectionConfig(alpha=cfg.influence.alpha, max_fraction=cfg.influence.max_fraction,
+                           pair_power=cfg.influence.pair_power)
 
 
 def cluster(cfg: LancetConf) -> ClusterConfig:

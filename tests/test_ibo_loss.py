@@ -156,6 +156,23 @@ def test_pairs_cycle_the_smaller_set_and_eps_is_in_unit_interval():
     assert all(0 < eps <= 1 for _, _, eps in pairs)
 
 
+def test_the_pair_power_sharpens_eps_towards_the_top_of_d_plus_keeping_its_mean():
+    """ε^p rescaled to the plain ε's mean: the same pairs in the same order, the most
+    influential z+ weighted most, the tail of D_IF+ (where false positives sit) least."""
+    scores = np.array([4.0, 3.0, 2.0, 1.5, -1.0, -0.5, 0.0, 0.0])
+    sets = np.array(["positive"] * 4 + ["negative"] * 2 + ["neutral"] * 2, dtype=object)
+    plain, sharp = make_pairs(scores, sets), make_pairs(scores, sets, power=8.0)
+    assert [p[:2] for p in plain] == [p[:2] for p in sharp]
+    eps, sharpened = (np.array([p[2] for p in pairs]) for pairs in (plain, sharp))
+    assert sharpened.mean() == pytest.approx(eps.mean())
+    top, tail = np.argmax(eps), np.argmin(eps)
+    assert sharpened[top] > eps[top] and sharpened[tail] < eps[tail]
+    assert sharpened[top] / sharpened[tail] == pytest.approx((eps[top] / eps[tail]) ** 8)
+    assert make_pairs(scores, sets, power=1.0) == plain
+    with pytest.raises(UserError, match=r"influence.pair_power=0.5: must be at least 1"):
+        SelectionConfig(pair_power=0.5)
+
+
 def test_under_max_the_negative_set_comes_from_the_most_negative_column_outside_d_plus():
     """With several queries a max-score is negative only for a sample that lowers every one;
     the inhibition (the most negative scaled column) finds the samples that lower some."""

@@ -42,7 +42,8 @@ STAGES = [
           "influence",
           version="6"),  # 5: queries in parts (issue #17); 6: no opening outside the judged text
     Stage("select", select.run, ("prepare", "score"),
-          ("influence.alpha", "influence.max_fraction", "seed"), "scores"),
+          ("influence.alpha", "influence.max_fraction", "influence.pair_power", "seed"),
+          "scores"),
     # ibo.batch_size is rows per worker: the real batch is batch_size × num_workers
     Stage("ibo", correct.run, ("prepare", "select"), ("ibo", "seed", "cluster.num_workers"), "ibo",
           reads=ibo_reads, curves=("curve.jsonl",), model="model"),
