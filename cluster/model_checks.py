@@ -67,28 +67,32 @@ def weightless_model(path: str | Path, trust_remote_code: bool = False):
 
 
 def check_units(path: str | Path, method: str, module_filter: str = "",
-                trust_remote_code: bool = False) -> list[str]:
+                trust_remote_code: bool = False, model=None) -> list[str]:
     """The model can be cut into ``method``'s units (else ``UnsupportedModelError`` now, not in
     the factor job's workers); returns the blocks' weight matrices no unit covers, which the
     caller reports (an empty list under a ``module_filter``, which leaves the rest out on
-    purpose)."""
+    purpose). ``model``: its weightless copy, when the caller has built one."""
     from operators.methods import get_method
     from operators.units import discover_units, uncovered_weights
     if get_method(method).units is None:
         return []
-    model = weightless_model(path, trust_remote_code)
+    if model is None:
+        model = weightless_model(path, trust_remote_code)
     if model is None:
         return []
     units = discover_units(model, method, module_filter)
     return [] if module_filter else uncovered_weights(model, units)
 
 
-def check_lora_targets(path: str | Path, targets, trust_remote_code: bool = False) -> None:
+def check_lora_targets(path: str | Path, targets, trust_remote_code: bool = False,
+                       model=None) -> None:
     """Each of ``ibo.lora.target_modules`` names a module of the model (peft's rule: the module's
-    name, or the end of its dotted path), read from a weightless copy of the model."""
+    name, or the end of its dotted path), read from a weightless copy of the model (``model``,
+    when the caller has built one)."""
     if not targets:
         return
-    model = weightless_model(path, trust_remote_code)
+    if model is None:
+        model = weightless_model(path, trust_remote_code)
     if model is None:  # the job's peft checks
         return
     names = [name for name, _ in model.named_modules() if name]

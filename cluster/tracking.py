@@ -97,6 +97,19 @@ class Tracker:
                 self.enabled, self.failure = False, store_cause(err)
 
     @contextmanager
+    def _ending(self) -> Iterator[None]:
+        """Ends the active run with the block: FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED."""
+        status = "FAILED"
+        try:
+            yield
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self._end(status)
+
+    @contextmanager
     def parent(self, name: str, params: dict, config_file: Path | None,
                sweep: str = "") -> Iterator[str | None]:
         """The invocation's run; in a sweep, nested under the sweep's run."""
@@ -108,18 +121,11 @@ class Tracker:
         if run is None:
             yield None
             return
-        status = "FAILED"
-        try:
+        with self._ending():
             self._call(self.mlflow.log_params, flatten(params))
             if config_file is not None:
                 self._call(self.mlflow.log_artifact, str(config_file))
             yield run.info.run_id
-            status = "FINISHED"
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM
-            status = "KILLED"
-            raise
-        finally:
-            self._end(status)
 
     def _sweep_run(self, sweep: str) -> str | None:
         """The run grouping a sweep's jobs (found by its tag, else created, already ended)."""
@@ -149,15 +155,8 @@ class Tracker:
         if run is None:
             yield
             return
-        status = "FAILED"
-        try:
+        with self._ending():
             yield
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            self._end(status)
 
     def metrics(self, values: dict) -> None:
         clean = {k: float(v) for k, v in values.items()

@@ -15,14 +15,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import signal
-import threading
 from collections.abc import Callable, Iterator
 
-from operators.errors import UserError
+from cluster.signals import handler_for
+from operators.errors import UserError, chain
 
 _LATCH = "user_error_latch"
 # The CPU allocator's words for an allocation the machine cannot give (a RuntimeError).
 CPU_OOM = "DefaultCPUAllocator: not enough memory"
+OOM_CLASS = "OutOfMemoryError: "  # torch's error as Ray passes it on in a worker's traceback text
 MEMORY_ADVICE = (
     "lower the rows per batch (cluster.batch_size for fit_factors and score, ibo.batch_size for "
     "ibo) or model.max_length, set influence.query_rank for score, or give ibo a DeepSpeed "
@@ -39,22 +40,21 @@ def as_memory_error(err: BaseException) -> DeviceMemoryError | None:
     """``err`` (or what it wraps) as a ``DeviceMemoryError`` when it is torch's out-of-memory
     error (CUDA) or the CPU allocator's; Ray passes a worker's error on wrapped, or as text."""
     import torch
-    seen: BaseException | None = err
-    while seen is not None:
+    for seen in chain(err):
         if isinstance(seen, DeviceMemoryError):
             return seen
-        if isinstance(seen, torch.OutOfMemoryError) or CPU_OOM in str(seen):
-            break
-        seen = seen.__cause__ or seen.__context__
-    text = str(seen if seen is not None else err)
-    marker = next((m for m in ("OutOfMemoryError: ", CPU_OOM) if m in text), None)
-    if seen is None and marker is None:
-        return None
-    line = next((ln for ln in text.splitlines() if marker and marker in ln), text.strip())
-    if marker == "OutOfMemoryError: ":
-        line = line.split(marker, 1)[1]
-    why = (line.strip().splitlines() or [type(err).__name__])[0][:300]
-    return DeviceMemoryError(f"out of memory ({why}): {MEMORY_ADVICE}")
+        text = str(seen)
+        if isinstance(seen, torch.OutOfMemoryError) or CPU_OOM in text or OOM_CLASS in text:
+            return DeviceMemoryError(f"out of memory ({_allocator_words(text)}): "
+                                     f"{MEMORY_ADVICE}")
+    return None
+
+
+def _allocator_words(text: str) -> str:
+    """The allocator's line of ``text``, without the class name Ray's text puts before it."""
+    line = next((ln for ln in text.splitlines() if OOM_CLASS in ln or CPU_OOM in ln),
+                text.strip().split("\n", 1)[0])
+    return line.split(OOM_CLASS, 1)[-1].strip()[:300] or "no message"
 
 
 class _Latch:
@@ -100,19 +100,6 @@ def _trainer_class():
             signal.signal(signal.SIGINT, handler)
 
     return Trainer
-
-
-@contextlib.contextmanager
-def _keeps_sigint_handler() -> Iterator[None]:
-    """The SIGINT handler as it was before the block (``fit`` installs its own)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -184,7 +171,7 @@ def _kept(latch) -> UserError | None:
 def _fit(trainer, latch):
     """``trainer.fit()``'s result, or the user error a worker kept (whether Ray Train then
     failed the run or a retry ended at once)."""
-    with _keeps_sigint_handler():
+    with handler_for(signal.SIGINT):  # fit installs its own
         try:
             result = trainer.fit()
         except Exception as err:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Iterator
 from pathlib import Path
+
+from operators.errors import chain
 
 EXIT_CODE = 3  # the machine failed the run (write fault, damaged cache, tracking store)
 CAUSES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -30,14 +31,6 @@ class WriteFault(RuntimeError):
     def __init__(self, path: Path | str | None, cause: str) -> None:
         verb = "access" if cause in ("permission denied", "operation not permitted") else "write"
         super().__init__(f"cannot {verb} {path or 'a file'}: {cause}")
-
-
-def chain(err: BaseException | None) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
 
 
 def write_fault(err: BaseException, where: Path | None = None) -> WriteFault | None:

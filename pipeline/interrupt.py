@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 from collections.abc import Iterator
+
+from cluster.signals import handler_for
 
 
 class Interrupted(KeyboardInterrupt):
@@ -43,7 +44,7 @@ def message(err: Interrupted, cache_dir: str) -> str:
             f"shards) are kept in {cache_dir}; run the same command again to resume")
 
 
-_ARMED: list[bool] = []
+_ARMED: list[bool] = []  # per open sigterm_interrupts block: whether its handler is set
 _TERMINATED: list[bool] = []  # SIGTERM arrived within the current block
 
 
@@ -55,21 +56,17 @@ def _raise_interrupted(signum, frame):
 @contextlib.contextmanager
 def sigterm_interrupts() -> Iterator[None]:
     """Within the block, SIGTERM raises ``Interrupted("SIGTERM")`` in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    _ARMED.append(True)
-    _TERMINATED.clear()
-    try:
-        yield
-    finally:
-        _ARMED.pop()
-        signal.signal(signal.SIGTERM, previous)
+    with handler_for(signal.SIGTERM, _raise_interrupted) as armed:
+        _ARMED.append(armed)
+        _TERMINATED.clear()
+        try:
+            yield
+        finally:
+            _ARMED.pop()
 
 
 def rearm_sigterm() -> None:
     """Put the handler back after ``ray.init``, whose failure-signal handler takes SIGTERM in
     the driver and aborts the process (exit 134, ``.pending`` and RUNNING runs left behind)."""
-    if _ARMED and threading.current_thread() is threading.main_thread():
+    if _ARMED and _ARMED[-1]:  # set in the main thread by sigterm_interrupts
         signal.signal(signal.SIGTERM, _raise_interrupted)

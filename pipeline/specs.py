@@ -181,13 +181,16 @@ def check_inputs(cfg: LancetConf, corrects: bool = True) -> None:
         check_lora_targets,
         check_model_fits,
         check_units,
+        weightless_model,
     )
     from cluster.model_io import check_model_dir
     if cfg.model.path:
+        trust = cfg.model.trust_remote_code
         check_model_dir(cfg.model.path)
-        check_model_fits(cfg.model.path, max_length_of(cfg), cfg.model.trust_remote_code)
+        check_model_fits(cfg.model.path, max_length_of(cfg), trust)
+        model = weightless_model(cfg.model.path, trust)  # built once for the checks below
         uncovered = check_units(cfg.model.path, cfg.influence.method,
-                                cfg.influence.module_filter, cfg.model.trust_remote_code)
+                                cfg.influence.module_filter, trust, model)
         if uncovered:
             logging.getLogger("lancet").warning(
                 f"warning: influence.method={cfg.influence.method}: {len(uncovered)} weight "
@@ -195,8 +198,7 @@ def check_inputs(cfg: LancetConf, corrects: bool = True) -> None:
                 f"so they add nothing to the scores (e.g. {', '.join(uncovered[:3])}); "
                 "influence.method=linfac covers every sublayer")
         if corrects and cfg.ibo.lora.enabled:
-            check_lora_targets(cfg.model.path, cfg.ibo.lora.target_modules,
-                               cfg.model.trust_remote_code)
+            check_lora_targets(cfg.model.path, cfg.ibo.lora.target_modules, trust, model)
     if corrects:
         if cfg.ibo.method == "oracle" and cfg.data.train and not cfg.data.label_column:
             raise UserError("ibo.method=oracle retrains on the truly clean rows: set "
