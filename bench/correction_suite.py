@@ -40,7 +40,7 @@ from cluster.ibo_objectives import ObjectiveConfig, get_objective
 from cluster.relearn_job import RelearnSpec, relearn
 from cluster.selection_io import write_selection
 from operators.ibo_loss import IBOLossConfig
-from operators.scores import InfluenceConfig, aggregate, inhibition
+from operators.scores import InfluenceConfig, inhibition
 from operators.selection import SelectionConfig
 from pipeline.evaluation import behaviour, clean_perplexity, judged
 from pipeline.judge import Judge, JudgeConfig
@@ -157,10 +157,10 @@ def prepare(s: Scenario, root: Path) -> Case | None:
     case.before = evaluate(model, tok, case)
     if not queries or not case.before["seen"] or not case.before["unseen"]:
         return None
-    raw, _, _ = recall.score(model, tok, corpus.train, queries[:8], InfluenceConfig(),
-                             patterns=patterns)
+    score, raw = recall.ranked(model, tok, corpus.train, queries[:8], InfluenceConfig(),
+                               patterns=patterns)  # the score stage's: with the second hop
     ranked = [{**r, "score": float(s), "inhibition": float(i), "rank": 0}
-              for r, s, i in zip(corpus.train, aggregate(raw, "max"), inhibition(raw, "max"))]
+              for r, s, i in zip(corpus.train, score, inhibition(raw, "max"))]
     write_parquet_atomic(ranked, case.ranked)
     return case
 

@@ -17,11 +17,13 @@ from operators.query_parts import part_encoding, query_rows
 from operators.scores import (
     InfluenceConfig,
     aggregate,
+    column_scales,
     grouping_order,
     precondition_queries,
     score_batch,
     units_for,
 )
+from operators.second_hop import hop_config, second_hop, sources
 from operators.sequences import collate, encode, sequence_losses
 from operators.units import discover_units
 from pipeline.demo.model import TinyModelConfig, train_demo_model
@@ -58,23 +60,50 @@ def trained(corpus, patterns, epochs=20, width=64, seed=0):
 
 def score(model, tok, train_rows, queries, config: InfluenceConfig, train_on_prompt=False,
           seed: int = 0, patterns=()):
-    """(raw scores [N, Q], fit seconds, score seconds). ``train_on_prompt``: the training
-    gradients and factors over the whole sequence (``model.train_on_prompt``); ``seed``: of
-    the sampled Fisher's labels; ``patterns``: the judge's, for the judged query part."""
+    """(raw scores [N, Q], fit seconds, score seconds): the first pass only. ``train_on_prompt``:
+    the training gradients and factors over the whole sequence (``model.train_on_prompt``);
+    ``seed``: of the sampled Fisher's labels; ``patterns``: the judge's, for the judged part."""
     units = units_for(model, config)
-    queries = query_parts(tok, queries, config, patterns)
     data = batches(tok, train_rows, train_on_prompt=train_on_prompt)
     began = time.perf_counter()
-    curv = (fit_curvature(model, units, data, corrected=config.kind.eigen_correction,
-                          fisher=config.fisher, damping=config.damping, seed=seed,
-                          logodds_cap=config.logodds_cap)
-            if config.uses_curvature else None)
+    curv = _curvature(model, units, data, config, seed)
     fitted = time.perf_counter()
+    raw = _scores(model, tok, units, data, queries, config, curv, patterns)
+    return raw, fitted - began, time.perf_counter() - fitted
+
+
+def ranked(model, tok, train_rows, queries, config: InfluenceConfig, train_on_prompt=False,
+           seed: int = 0, patterns=(), how: str = "max"):
+    """(the product's score per row [N], the first pass's raw scores [N, Q]): the first pass
+    aggregated by ``how``, then the second hop from its top ``config.expand_top_k`` rows (as
+    the score stage, operators/second_hop.py); the curvature is fitted once for both."""
+    units = units_for(model, config)
+    data = batches(tok, train_rows, train_on_prompt=train_on_prompt)
+    curv = _curvature(model, units, data, config, seed)
+    raw = _scores(model, tok, units, data, queries, config, curv, patterns)
+    first = aggregate(raw, how)
+    src = sources(first, config.expand_top_k)
+    if not len(src):
+        return first, raw
+    rows = [dict(train_rows[i], id=f"hop{i}") for i in src.tolist()]
+    hop_raw = _scores(model, tok, units, data, rows, hop_config(config), curv)
+    return second_hop(first, first[src], hop_raw, column_scales(hop_raw))[0], raw
+
+
+def _curvature(model, units, data, config: InfluenceConfig, seed: int):
+    if not config.uses_curvature:
+        return None
+    return fit_curvature(model, units, data, corrected=config.kind.eigen_correction,
+                         fisher=config.fisher, damping=config.damping, seed=seed,
+                         logodds_cap=config.logodds_cap)
+
+
+def _scores(model, tok, units, data, queries, config: InfluenceConfig, curv, patterns=()):
+    queries = query_parts(tok, queries, config, patterns)
     order = grouping_order(model, units, batches(tok, queries), config)  # as cluster.scoring
     queries = queries if order is None else [queries[i] for i in order]
     feats = precondition_queries(model, units, batches(tok, queries), config, curv)
-    raw = torch.cat([score_batch(model, units, b, feats, config) for b in data])
-    return raw, fitted - began, time.perf_counter() - fitted
+    return torch.cat([score_batch(model, units, b, feats, config) for b in data])
 
 
 def quality(scores, labels) -> dict:

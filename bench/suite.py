@@ -29,6 +29,7 @@ END = "<!-- end of suite section -->"
 MAX_QUERIES = 8  # the first flagged generations: held-out items first (build's order)
 TIE = 0.005
 RULES = AGGREGATES + MEASURED_AGGREGATES
+FIRST = "first pass "  # a rule's key prefix for the first pass's scores (no second hop)
 
 
 def log(msg: str) -> None:
@@ -60,6 +61,9 @@ OPTIONS = {
     "opening_tokens=1": ({"opening_tokens": 1}, {}),
     "opening_tokens=5": ({"opening_tokens": 5}, {}),
     "opening_outside_judged=keep": ({"opening_outside_judged": "keep"}, {}),
+    "expand_top_k=0 (first pass only)": ({"expand_top_k": 0}, {}),
+    "expand_top_k=10": ({"expand_top_k": 10}, {}),
+    "expand_top_k=100": ({"expand_top_k": 100}, {}),
 }
 KFAC_AS_KRONFLUENCE = "kfac, damping_absolute=1e-8 (kronfluence's)"
 
@@ -84,26 +88,28 @@ def measure(s: Scenario, kron: bool) -> dict:
     shown = observed_wordings(s.family, [q["response"] for q in queries])
     out["shown"] = sorted(shown)
 
-    def record(key, raw, rules=("max",)):
+    def record(key, config, rules=(), **kwargs):
+        """The product's score (first pass, then the second hop) under ``(key, "max")``; the
+        first pass alone under ``(key, FIRST + rule)`` for each aggregation rule."""
+        final, raw = recall.ranked(model, tok, corpus.train, queries, config,
+                                   patterns=patterns, **kwargs)
+        out["scores"][(key, "max")] = _quality(final, labels, seen_labels)
         for rule in rules:
-            out["scores"][(key, rule)] = _quality(aggregate(raw, rule), labels, seen_labels)
+            out["scores"][(key, FIRST + rule)] = _quality(aggregate(raw, rule), labels,
+                                                          seen_labels)
 
     seen_labels = [r["planted"] and r["wording"] in shown for r in corpus.train]
     for method, sim in recall.METHODS:
-        raw, _, _ = recall.score(model, tok, corpus.train, queries,
-                                 InfluenceConfig(method=method, similarity=sim), patterns=patterns)
-        record(_label(method, sim), raw, RULES)
+        record(_label(method, sim), InfluenceConfig(method=method, similarity=sim), RULES)
     for option, (overrides, kwargs) in OPTIONS.items():
-        raw, _, _ = recall.score(model, tok, corpus.train, queries,
-                                 InfluenceConfig(**overrides), patterns=patterns, **kwargs)
-        record(f"linfac {option}", raw)
-    raw, _, _ = recall.score(model, tok, corpus.train, queries, InfluenceConfig(
-        method="kfac", damping=DampingConfig(absolute=1e-8)), patterns=patterns)
-    record(KFAC_AS_KRONFLUENCE, raw)
-    if kron:
+        record(f"linfac {option}", InfluenceConfig(**overrides), **kwargs)
+    record(KFAC_AS_KRONFLUENCE, InfluenceConfig(method="kfac",
+                                                damping=DampingConfig(absolute=1e-8)))
+    if kron:  # kronfluence as its users run it: one pass, its own damping and labels
         for strategy in ("ekfac", "kfac"):
             raw, _ = recall.kronfluence_scores(model, tok, corpus, queries, strategy, patterns)
-            record(f"kronfluence-{strategy}", raw)
+            out["scores"][(f"kronfluence-{strategy}", "max")] = _quality(
+                aggregate(raw, "max"), labels, seen_labels)
     return out
 
 
@@ -173,13 +179,14 @@ def options(dev: list[dict], held: list[dict]) -> list[dict]:
 
 
 def rules(dev: list[dict], held: list[dict]) -> list[dict]:
-    """Each aggregation rule's median AUPRC per method (the methods at their defaults)."""
+    """Each aggregation rule's median AUPRC per method, first pass only (no second hop)."""
     rows = []
     for m in [_label(m, s) for m, s in recall.METHODS]:
         row = {"method": m}
-        row.update({f"dev {rule}": _median(dev, m, rule) for rule in RULES})
-        row.update({f"held-out {rule}": _median(held, m, rule) for rule in RULES})
-        row.update({f"dev {rule}, shown": _median(dev, m, rule, "auprc_shown") for rule in RULES})
+        row.update({f"dev {rule}": _median(dev, m, FIRST + rule) for rule in RULES})
+        row.update({f"held-out {rule}": _median(held, m, FIRST + rule) for rule in RULES})
+        row.update({f"dev {rule}, shown": _median(dev, m, FIRST + rule, "auprc_shown")
+                    for rule in RULES})
         rows.append(row)
     return rows
 
@@ -201,8 +208,11 @@ def render(results: list[dict], minutes: float, kron: bool,
         f"({minutes:.1f} min, {torch.get_num_threads()} thread)  ",
         "Scenarios: bench/scenarios.py `SUITE` (seeded, generated on CPU; tiny GPT-2 models "
         "trained for the epochs shown). Queries: the model's own flagged generations, first on "
-        f"items never trained on, at most {MAX_QUERIES}. Cells: AUPRC / recall@k, B = 1, "
-        "`aggregate=max`. Held-out scenarios are never used to choose a default. Every "
+        f"items never trained on, at most {MAX_QUERIES}. Cells: AUPRC / recall@k of each of "
+        "the product's methods at its defaults (B = 1, `aggregate=max`, then the second hop "
+        "from the top 30 rows, `influence.expand_top_k`); kronfluence as its users run it "
+        "(one pass, its own damping and labels, the same query parts). Held-out scenarios are "
+        "never used to choose a default. Every "
         "behaviour is planted in two wordings (0, 1); *wordings shown*: those the queries "
         "show. The *shown wordings* medians count as positives only the planted rows in a "
         "shown wording (what the observed outputs can be traced to).", "",
@@ -219,15 +229,17 @@ def render(results: list[dict], minutes: float, kron: bool,
               "dev columns only (*shown*: positives are the planted rows in a wording the "
               "queries show).", "", table(options(dev, held)), "",
               "### Aggregation rules: median AUPRC per method", "",
-              "`max`, `mean`: operators.scores.aggregate (config options); `zmax`: max over "
-              "centred, standardised columns; `rank`: mean per-column rank.", "",
+              "The first pass alone (no second hop). `max`, `mean`: operators.scores.aggregate "
+              "(config options); `zmax`: max over centred, standardised columns; `rank`: mean "
+              "per-column rank.", "",
               table(rules(dev, held)), ""]
     if draws:
         lines += ["### The suite drawn again", "",
                   "Every scenario regenerated with other seeds (corpus, model, queries; "
                   "bench/suite_draws.py), LinFAC at the default, at `logodds_cap=1` (the "
-                  "plain likelihood) and with every opening kept "
-                  "(`opening_outside_judged=keep`, the default before 2026-12-04). Defaults are "
+                  "plain likelihood), with every opening kept "
+                  "(`opening_outside_judged=keep`, the default before 2026-12-04) and without the "
+                  "second hop (`expand_top_k=0`, the default before 2026-12-05). Defaults are "
                   "chosen by the development median of every draw, not of one.", "",
                   table(draws), ""]
     return "\n".join(lines)

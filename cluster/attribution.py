@@ -116,7 +116,7 @@ def attribution_step(raw_dir: Path, top_k: int, rescore: Rescore
         if not len(positions):
             return None
         names, terms = rescore(read_positions(raw_dir, positions), ranking.scales)
-        return shares_column(names, terms, positions, ranking.score[positions])
+        return shares_column(names, terms, positions, ranking.direct[positions])
 
     return step
 

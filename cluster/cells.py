@@ -10,9 +10,10 @@ import re
 
 TURNS = "prompt_turns"  # the same name as ``cluster.batches.TURNS``
 # Columns the pipeline adds to the training rows (cluster.scoring: score, rank, inhibition, raw,
-# n_tokens; cluster.selection_io: set; cluster.attribution: unit_shares): a user column of the
+# n_tokens, via; cluster.selection_io: set; cluster.attribution: unit_shares): a user column of the
 # same name would stand twice in the scores table, so ``data.train`` may not have one.
-SCORED_COLUMNS = ("score", "rank", "set", "inhibition", "raw", "n_tokens", "unit_shares")
+SCORED_COLUMNS = ("score", "rank", "set", "inhibition", "raw", "n_tokens", "unit_shares",
+                  "via")
 # JSON escapes of UTF-16 surrogates (\ud800-\udfff): valid in pairs, not valid text alone.
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Kinds of cells one Parquet column cannot mix (ints and floats can: both become double).

@@ -202,12 +202,12 @@ def score_corpus(dataset, spec: ScoreSpec, features, cluster: ClusterConfig, raw
             "tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
-def _column_scales(files: list[Path]) -> np.ndarray:
+def column_scales_of(files: list[Path]) -> np.ndarray:
     """Unbiased standard deviation of each raw column over the finite rows (streamed)."""
     n, total, squares = 0, None, None
     for path in files:
-        for batch in _batches(path, ["raw"]):
-            raw = _raw_matrix(batch.column(0))
+        for batch in batches_of(path, ["raw"]):
+            raw = raw_matrix(batch.column(0))
             raw = raw[np.isfinite(raw).all(axis=1)]
             n += raw.shape[0]
             total = raw.sum(0) if total is None else total + raw.sum(0)
@@ -219,7 +219,7 @@ def _column_scales(files: list[Path]) -> np.ndarray:
     return np.where(std > 0, std, 1.0)
 
 
-def _raw_matrix(column) -> np.ndarray:
+def raw_matrix(column) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     width = column.type.list_size  # a copy: Arrow's buffers are read-only (torch warns on them)
@@ -235,6 +235,15 @@ class Ranking:
     rank: np.ndarray
     scales: np.ndarray  # [num_query_batches]: each raw column's std (``aggregate``'s scales)
     inhibition: np.ndarray | None = None  # operators.scores.inhibition, for the negative set
+    # with the second hop (cluster/second_hop.py): the first pass's score, and the id of the
+    # source each row's score came through (None: its own)
+    first: np.ndarray | None = None
+    via: np.ndarray | None = None
+
+    @property
+    def direct(self) -> np.ndarray:
+        """Each row's own score against the queries (the first pass)."""
+        return self.score if self.first is None else self.first
 
     def top(self, k: int) -> np.ndarray:
         """Positions (raw shards' row order) of the ``k`` best ranks with a finite score,
@@ -253,28 +262,44 @@ class RowColumn:
     metrics: dict = field(default_factory=dict)
 
 
-def rank_rows(raw_dir: Path, how: str) -> Ranking:
-    """Stream the raw shards twice (column scales; ids and scores) and rank every row."""
+# (first pass's files, its ranking) -> (final score, via): the second hop (cluster/second_hop.py)
+Hop = Callable[[list[Path], "Ranking"], tuple[np.ndarray, np.ndarray]]
+
+
+def rank_rows(raw_dir: Path, how: str, hop: Hop | None = None) -> Ranking:
+    """Stream the raw shards twice (column scales; ids and scores) and rank every row; with
+    ``hop``, rank again by the scores the second hop raised."""
     files = sorted(raw_dir.glob("*.parquet"))
-    scales = _column_scales(files)
+    scales = column_scales_of(files)
     ids, score, inhibit = _ids_and_scores(files, scales, how, raw_dir)
+    ranking = Ranking(ids, score, _ranks(ids, score), scales, inhibit)
+    if hop is None:
+        return ranking
+    final, via = hop(files, ranking)
+    return Ranking(ids, final, _ranks(ids, final), scales, inhibit, first=score, via=via)
+
+
+def _ranks(ids: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """1 = best; ties by id; non-finite scores last."""
     order = np.lexsort((ids.astype(str), -np.nan_to_num(score, nan=-np.inf)))
     rank = np.empty(len(ids), dtype=np.int64)
     rank[order] = np.arange(1, len(ids) + 1)
-    return Ranking(ids, score, rank, scales, inhibit)
+    return rank
 
 
 def finalize(raw_dir: Path, out_dir: Path, how: str,
-             extra: Callable[[Ranking], RowColumn | None] | None = None) -> dict:
+             extra: Callable[[Ranking], RowColumn | None] | None = None,
+             hop: Hop | None = None) -> dict:
     """Write ``out_dir/part-*.parquet``: every row with ``score`` and ``rank``, once each.
 
     Streams the raw shards three times (column scales; ids and scores; the rows themselves), so
     memory holds one record batch plus an (id, score, rank) triple per row, not the corpus. The
     folder appears under its final name only when complete. ``extra`` (given the ranking, before
-    the rows are written) may add one column, e.g. the top rows' attribution.
+    the rows are written) may add one column, e.g. the top rows' attribution; ``hop`` raises
+    scores by the second pass (then a ``via`` column names each raised row's source).
     """
     files = sorted(raw_dir.glob("*.parquet"))
-    ranking = rank_rows(raw_dir, how)
+    ranking = rank_rows(raw_dir, how, hop)
     column = extra(ranking) if extra is not None else None
     with atomic(out_dir) as tmp:
         tmp.mkdir()
@@ -283,11 +308,13 @@ def finalize(raw_dir: Path, out_dir: Path, how: str,
             offset = _write_ranked(path, tmp / f"part-{number:05d}.parquet", ranking, offset,
                                    column)
     bad = [str(ranking.ids[i]) for i in np.nonzero(~np.isfinite(ranking.score))[0]]
+    raised = 0 if ranking.via is None else int(sum(v is not None for v in ranking.via))
     return {"rows": len(ranking.ids), "nonfinite_ids": bad[:100], "nonfinite": len(bad),
-            "query_batches": len(ranking.scales), **(column.metrics if column is not None else {})}
+            "query_batches": len(ranking.scales), "raised_by_second_hop": raised,
+            **(column.metrics if column is not None else {})}
 
 
-def _batches(path: Path, columns: list[str] | None = None):
+def batches_of(path: Path, columns: list[str] | None = None):
     yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS, columns=columns)
 
 
@@ -295,11 +322,11 @@ def _ids_and_scores(files: list[Path], scales: np.ndarray, how: str, raw_dir: Pa
     """Every row's id and final score, in file order; a repeated id is an error."""
     ids, scores, inhibits, seen = [], [], [], set()
     for path in files:
-        for batch in _batches(path, ["id", "raw"]):
+        for batch in batches_of(path, ["id", "raw"]):
             chunk = batch.column(0).to_pylist()
             seen.update(chunk)
             ids.extend(chunk)
-            raw = torch.from_numpy(_raw_matrix(batch.column(1)))
+            raw = torch.from_numpy(raw_matrix(batch.column(1)))
             scores.append(aggregate(raw, how, torch.from_numpy(scales)).numpy())
             inhibits.append(inhibition(raw, how, torch.from_numpy(scales)).numpy())
     if len(seen) != len(ids):
@@ -316,7 +343,7 @@ def _write_ranked(path: Path, out: Path, ranking: Ranking, offset: int,
     """One raw shard with ``score`` and ``rank`` (the whole corpus's, from ``offset``) in front,
     ``inhibition`` and ``column`` (if any) after the shard's own; returns the next row offset."""
     writer = None
-    for batch in _batches(path):
+    for batch in batches_of(path):
         rows = slice(offset, offset + batch.num_rows)
         table = pa.Table.from_batches([batch])
         table = table.append_column("score", pa.array(ranking.score[rows], type=pa.float64()))
@@ -324,6 +351,9 @@ def _write_ranked(path: Path, out: Path, ranking: Ranking, offset: int,
         if ranking.inhibition is not None:
             table = table.append_column("inhibition", pa.array(ranking.inhibition[rows],
                                                                type=pa.float64()))
+        if ranking.via is not None:
+            table = table.append_column("via", pa.array(list(ranking.via[rows]),
+                                                        type=pa.string()))
         if column is not None:
             values = [column.values.get(i) for i in range(rows.start, rows.stop)]
             table = table.append_column(column.arrow_field,

@@ -48,6 +48,7 @@ from operators.query_parts import (
     OPENING_OUTSIDE_JUDGED,
     check_parts,
 )
+from operators.second_hop import DEFAULT_EXPAND_TOP_K, check_expand_top_k
 from operators.units import Unit, discover_units
 
 AGGREGATES = ("max", "mean")
@@ -81,6 +82,8 @@ class InfluenceConfig:
     opening_tokens: int = DEFAULT_OPENING
     # drop: an opening sharing no token with the judged text is no query (operators/query_parts)
     opening_outside_judged: str = DEFAULT_OPENING_OUTSIDE_JUDGED
+    # the top K rows of the first pass become queries of a second (operators/second_hop.py)
+    expand_top_k: int = DEFAULT_EXPAND_TOP_K
 
     def __post_init__(self) -> None:
         get_method(self.method)  # an unknown method fails here, naming the key
@@ -91,6 +94,7 @@ class InfluenceConfig:
         _check("influence.opening_outside_judged", self.opening_outside_judged,
                OPENING_OUTSIDE_JUDGED)
         object.__setattr__(self, "logodds_cap", check_logodds_cap(self.logodds_cap))
+        object.__setattr__(self, "expand_top_k", check_expand_top_k(self.expand_top_k))
         object.__setattr__(self, "query_parts", check_parts(self.query_parts, self.opening_tokens))
         if int(self.query_batch_size) < 1:
             raise UserError(f"influence.query_batch_size={self.query_batch_size}: must be >= 1")

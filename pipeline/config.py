@@ -91,6 +91,12 @@ class InfluenceConf:
     # text elsewhere, so the opening is the benign start look-alikes share): left out or kept.
     # drop: dev median AUPRC 0.957 -> 0.977 over three draws of bench.suite (docs/METHOD.md).
     opening_outside_judged: str = "drop"
+    # The second hop: the first pass's top K rows (score > 0) become queries themselves, each
+    # row's score rises to min(source's score, its scaled score against the source) where that
+    # is higher (operators/second_hop.py). Rows that teach the behaviour in a wording no
+    # observed output shows are found through the rows that teach it in the observed one.
+    # Costs a second scoring pass over the corpus; 0 turns it off. 30: docs/METHOD.md §3.
+    expand_top_k: int = 30
     # How per-batch scores combine: max | mean.
     aggregate: str = "max"
     # dot | cosine: cosine unit-normalises both sides (gradsim: the gradients; linfac, ekfac,

@@ -42,6 +42,7 @@ class PlanConfig:
     method: str = "linfac"  # [influence.method]
     queries: int = 64  # influence queries
     query_parts: int = 3  # parts per query, each a query of its own [influence.query_parts]
+    expand_top_k: int = 30  # the second pass's queries, one part each [influence.expand_top_k]
     query_batch_size: int = 1  # [influence.query_batch_size]
     query_rank: int | None = 32  # [influence.query_rank]
     workers: int = 8  # GPUs [cluster.num_workers]
@@ -140,7 +141,9 @@ def _score_peaks(session: Session, plan: PlanConfig, units, eigens, dtype) -> di
         curvature = Curvature(eigens, lambdas, dict.fromkeys(eigens, 0.1)).to("cpu", dtype)
     kept = [t for e in curvature.eigens.values() for t in (e.qa, e.qs)]
     kept += list(curvature.lambdas.values())
-    rows = plan.queries * plan.query_parts  # every part is preconditioned as a query
+    # every part is preconditioned as a query; the second hop's pass, after the first, as many
+    # as its sources
+    rows = max(plan.queries * plan.query_parts, plan.expand_top_k)
     loader = max(1, min(plan.batch_size, rows))
     batches = [session.batch(loader, plan.tokens) for _ in range(math.ceil(rows / loader))]
     precondition, queries = session.peak(lambda: precondition_queries(

@@ -65,7 +65,8 @@ def influence(cfg: LancetConf) -> InfluenceConfig:
                            damping=damping(cfg), module_filter=i.module_filter,
                            query_rank=i.query_rank, query_grouping=i.query_grouping,
                            query_parts=tuple(i.query_parts), opening_tokens=i.opening_tokens,
-                           opening_outside_judged=i.opening_outside_judged)
+                           opening_outside_judged=i.opening_outside_judged,
+                           expand_top_k=i.expand_top_k)
 
 
 def judge_patterns(cfg: LancetConf) -> tuple[str, ...]:

@@ -113,6 +113,19 @@ def test_query_parts_reach_the_score_spec_with_the_judges_patterns_where_they_ju
         validate(compose_typed(["influence.opening_outside_judged=never"]))
 
 
+def test_the_second_hop_is_configured_refused_and_fingerprinted():
+    from pipeline.specs import influence, validate
+    from pipeline.stages.table import STAGES
+    assert influence(compose_typed([])).expand_top_k == 30
+    assert influence(compose_typed(["influence.expand_top_k=0"])).expand_top_k == 0
+    for name in ("linfac", "ekfac", "kfac", "gradsim", "repsim"):
+        assert influence(compose_typed([f"influence={name}"])).expand_top_k == 30
+    score = next(s for s in STAGES if s.name == "score")
+    assert "influence.expand_top_k" in score.config_keys
+    with pytest.raises(ValueError, match=re.escape("influence.expand_top_k=-3")):
+        validate(compose_typed(["influence.expand_top_k=-3"]))
+
+
 # Every numeric key of pipeline/config.py, out of range: refused at start-up, naming the key.
 OUT_OF_RANGE = [
     ("model.max_length=1", "model.max_length=1: must be >= 2"),
@@ -126,6 +139,7 @@ OUT_OF_RANGE = [
     ("influence.alpha=0", "influence.alpha=0.0: must be in (0, 1]"),
     ("influence.max_fraction=1.5", "influence.max_fraction=1.5: must be in (0, 1)"),
     ("influence.query_batch_size=0", "influence.query_batch_size=0: must be >= 1"),
+    ("influence.expand_top_k=-1", "influence.expand_top_k=-1: must be an integer >= 0"),
     ("influence.damping=-1.0", "influence.damping=-1.0: must be >= 0"),
     ("influence.damping=nan", "influence.damping=nan: must be >= 0"),
     ("influence.damping_absolute=-1e-3", "influence.damping_absolute=-0.001: must be >= 0"),

@@ -279,9 +279,10 @@ def test_a_read_only_output_dir_ends_with_one_line_before_any_stage(tmp_path):
 @pytest.mark.slow
 def test_a_killed_driver_reruns_skipping_finished_stages_and_resumes_scoring_by_shard(
         tmp_path, demo_run):
-    """The driver (and the local Ray it started) is killed mid-scoring. The rerun reuses the
-    stage the killed run finished and the shards it scored, scores only the rest, and equals
-    the shared uninterrupted run (same ids, same scores)."""
+    """The driver (and the local Ray it started) is killed mid-scoring, in the second hop's
+    pass. The rerun reuses the stage the killed run finished, every shard of the first pass and
+    those the second had scored, scores only the rest, and equals the shared uninterrupted run
+    (same ids, same scores)."""
     from pipeline_cli import stages
     cache = copy_cache(demo_run[0], tmp_path / "cache")
     shutil.rmtree(cache / "prepare")  # computed again by the run that is killed
@@ -294,21 +295,24 @@ def test_a_killed_driver_reruns_skipping_finished_stages_and_resumes_scoring_by_
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and len(list(cache.glob("score/*.partial/raw/*.parquet"))) < 3:
+    hop = "score/*.partial/hop/raw/*.parquet"  # the second pass's shards
+    while time.time() < deadline and len(list(cache.glob(hop))) < 3:
         time.sleep(0.1)
     kill_session(proc.pid)  # the driver, the local Ray it started and that Ray's workers
     proc.wait(timeout=60)
     assert list(cache.glob("prepare/*/stage.json")), "the killed run never finished prepare"
-    kept = list(cache.glob("score/*.partial/raw/*.parquet"))
+    kept = list(cache.glob(hop))
     total = -(-len(pq.read_table(cache.glob("prepare/*/train.parquet").__next__())) // 16)
-    assert 3 <= len(kept) < total, f"{len(kept)} of {total} shards when killed"
+    assert len(list(cache.glob("score/*.partial/raw/*.parquet"))) == total
+    assert 3 <= len(kept) < total, f"{len(kept)} of {total} second-pass shards when killed"
     run_cli(*score, f"cache_dir={cache}", f"output_dir={tmp_path / 'resumed'}")
     assert computed(tmp_path / "resumed") == {"score"}  # prepare (and fit_factors): reused
     resumed = stages(tmp_path / "resumed")["score"]
-    assert resumed["score/shards_reused"] == len(kept)
-    assert resumed["score/shards_scored"] == total - len(kept)
-    print(f"resume by shard: {len(kept)} of {total} shards reused, "
-          f"{resumed['score/shards_scored']} scored")
+    assert resumed["score/shards_reused"] == total and resumed["score/shards_scored"] == 0
+    assert resumed["score/second_hop_shards_reused"] == len(kept)
+    assert resumed["score/second_hop_shards_scored"] == total - len(kept)
+    print(f"resume by shard: {len(kept)} of {total} second-pass shards reused, "
+          f"{resumed['score/second_hop_shards_scored']} scored")
     assert not list(cache.glob("score/*.partial")), "the work folder outlived the stage"
 
     def scores(out):

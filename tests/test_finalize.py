@@ -36,7 +36,8 @@ def test_streamed_ranking_equals_the_whole_table_ranking(tmp_path, monkeypatch, 
     scoring.finalize(tmp_path / "raw", tmp_path / "small", how)
     big = pq.read_table(tmp_path / "big").to_pandas().set_index("id")
     small = pq.read_table(tmp_path / "small").to_pandas().set_index("id")
-    assert summary == {"rows": 24, "nonfinite_ids": [], "nonfinite": 0, "query_batches": 3}
+    assert summary == {"rows": 24, "nonfinite_ids": [], "nonfinite": 0, "query_batches": 3,
+                       "raised_by_second_hop": 0}
     assert sorted(big.index) == sorted(ids) and big.index.is_unique
     assert list(pq.read_table(tmp_path / "big").column_names[:3]) == ["id", "score", "rank"]
     assert {"prompt", "response", "note"} <= set(big.columns)  # passthrough

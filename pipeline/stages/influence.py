@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,7 +14,15 @@ from cluster.factor_job import fit_factors, passes
 from cluster.progress import Progress
 from cluster.runtime import connect
 from cluster.score_shards import RAW, features_in, missing_shards, plan_shards, score_shards
-from cluster.scoring import finalize
+from cluster.scoring import finalize, rank_rows
+from cluster.second_hop import (
+    Hop,
+    combine,
+    hop_spec,
+    prepare_folder,
+    source_positions,
+    source_rows,
+)
 from pipeline import specs
 from pipeline.dag import StageContext
 from pipeline.fingerprints import data_fingerprint, model_fingerprint
@@ -65,8 +74,10 @@ def run_score(ctx: StageContext) -> dict:
     todo = missing_shards(work, shards)
     ctx.log(f"score: {len(shards) - len(todo)} of {len(shards)} shards reused from {work}")
     metrics = _score_missing(ctx, spec, queries, train, todo, cluster, work)
+    hop, hop_metrics = _second_hop(ctx, spec, train, shards, cluster, work)
     summary = finalize(work / RAW, ctx.output().ranked, cfg.influence.aggregate,
-                       _attribution(ctx, spec, queries, cluster, work))
+                       _attribution(ctx, spec, queries, cluster, work),
+                       None if hop is None else partial(combine, hop))
     if summary["nonfinite"]:
         ctx.log(f"WARNING: {summary['nonfinite']} samples had NaN/inf gradients and are "
                 f"excluded: {summary['nonfinite_ids'][:10]}")
@@ -80,7 +91,35 @@ def run_score(ctx: StageContext) -> dict:
             "score/query_batches": summary["query_batches"],
             "score/nonfinite": summary["nonfinite"], "score/rows": summary["rows"],
             "score/shards_reused": len(shards) - len(todo), "score/shards_scored": len(todo),
+            "score/raised_by_second_hop": summary["raised_by_second_hop"], **hop_metrics,
             **{k: v for k, v in summary.items() if k.startswith("attribution/")}}
+
+
+def _second_hop(ctx: StageContext, spec, train: Path, shards, cluster, work: Path
+                ) -> tuple[Hop | None, dict]:
+    """The second pass (cluster/second_hop.py): the first pass's top rows scored as queries,
+    by the same resumable shards under ``work/hop``; (None, ...) when off or no row scored
+    above 0."""
+    k = spec.influence.expand_top_k
+    none = {"score/second_hop_sources": 0}
+    if not k:
+        return None, none
+    first = rank_rows(work / RAW, ctx.cfg.influence.aggregate)
+    positions = source_positions(first.score, first.rank, k)
+    if not len(positions):
+        ctx.log("score: no row scored above 0: no second hop")
+        return None, none
+    ids = [str(i) for i in first.ids[positions]]
+    folder = prepare_folder(work, ids)
+    todo = missing_shards(folder, shards)
+    ctx.log(f"score: second hop from the top {len(ids)} rows (influence.expand_top_k={k}): "
+            f"{len(shards) - len(todo)} of {len(shards)} shards reused")
+    _score_missing(ctx, hop_spec(spec), source_rows(work / RAW, positions), train, todo,
+                   cluster, folder, stage="score (second hop)")
+    return Hop(folder / RAW, positions, ids), {
+        "score/second_hop_sources": len(ids),
+        "score/second_hop_shards_reused": len(shards) - len(todo),
+        "score/second_hop_shards_scored": len(todo)}
 
 
 def _factors(ctx: StageContext, spec) -> Path | None:
@@ -107,21 +146,21 @@ def _attribution(ctx: StageContext, spec, queries, cluster, work: Path):
     return attribution_step(work / RAW, spec.attribution_top_k, rescore)
 
 
-def _score_missing(ctx: StageContext, spec, queries, train: Path, todo, cluster, work: Path
-                   ) -> dict:
+def _score_missing(ctx: StageContext, spec, queries, train: Path, todo, cluster, work: Path,
+                   stage: str = "score") -> dict:
     """Score the missing shards (none: no Ray work at all); their throughput."""
     if todo:
         connect(cluster)
         features = features_in(work, spec, queries, _factors(ctx, spec), cluster)
         total = sum(stop - start for start, stop in todo)
         every_s = ctx.cfg.cluster.progress_every_s
-        with Progress("score", total, ctx.log, every_s=every_s) as progress:
+        with Progress(stage, total, ctx.log, every_s=every_s) as progress:
             metrics = score_shards(train, todo, spec, features, cluster, work, progress.counter)
     else:
         metrics = {"sequences": 0, "tokens": 0, "seconds": 0.0}
     seconds = max(metrics["seconds"], 1e-9)
     metrics.update(sequences_per_s=metrics["sequences"] / seconds,
                    tokens_per_s=metrics["tokens"] / seconds)
-    ctx.log(f"score: {metrics['sequences']} sequences, {metrics['sequences_per_s']:.1f} seq/s, "
+    ctx.log(f"{stage}: {metrics['sequences']} sequences, {metrics['sequences_per_s']:.1f} seq/s, "
             f"{metrics['tokens_per_s']:.0f} tokens/s")
     return metrics

@@ -37,10 +37,12 @@ STAGES = [
                             "influence.similarity", "influence.query_rank",
                             "influence.query_grouping", "influence.attribution_top_k",
                             "influence.query_parts", "influence.opening_tokens",
-                            "influence.opening_outside_judged",
+                            "influence.opening_outside_judged", "influence.expand_top_k",
                             "judge.kind", "judge.patterns", "judge.demo"),
           "influence",
-          version="6"),  # 5: queries in parts (issue #17); 6: no opening outside the judged text
+          # 5: queries in parts (issue #17); 6: no opening outside the judged text; 7: the
+          # second hop
+          version="7"),
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "influence.pair_power", "seed"),
           "scores"),
