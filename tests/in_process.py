@@ -12,15 +12,24 @@ import torch
 
 from cluster.batches import iter_row_batches, to_tensors
 from cluster.scoring import ScoreSpec, model_and_units, query_part_rows
+from cluster.second_hop import hop_spec
 from operators.curvature import Curvature, fit_curvature
 from operators.factors import DampingConfig
-from operators.scores import aggregate, grouping_order, precondition_queries, score_batch
+from operators.scores import (
+    aggregate,
+    column_scales,
+    grouping_order,
+    precondition_queries,
+    score_batch,
+)
+from operators.second_hop import second_hop, sources
 
 
 def influence_in_process(spec: ScoreSpec, rows: list[dict], queries: list[dict],
-                         fisher: str | None = None, damping: DampingConfig = DampingConfig()
-                         ) -> tuple[Curvature, torch.Tensor]:
-    """(the curvature fitted on ``rows``, each row's aggregated score ``[N]``)."""
+                         fisher: str | None = None, damping: DampingConfig = DampingConfig(),
+                         hop: bool = False) -> tuple[Curvature, torch.Tensor]:
+    """(the curvature fitted on ``rows``, each row's aggregated score ``[N]``); ``hop``: then
+    raised by the second hop, as the score stage does (``influence.expand_top_k``)."""
     model, tok, units = model_and_units(spec)
     batches = [to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(rows, 16)]
     curvature = fit_curvature(model, units, batches, fisher=fisher or spec.influence.fisher,
@@ -28,13 +37,21 @@ def influence_in_process(spec: ScoreSpec, rows: list[dict], queries: list[dict],
     def query_batches(rows):
         return (to_tensors(c, tok, spec.tokenize) for c in iter_row_batches(rows, 8))
 
-    queries = query_part_rows(spec, queries, tok)  # as scoring
-    order = grouping_order(model, units, query_batches(queries), spec.influence)
-    queries = queries if order is None else [queries[i] for i in order]
-    features = precondition_queries(model, units, query_batches(queries), spec.influence,
-                                    curvature)
-    raw = torch.cat([score_batch(model, units, b, features, spec.influence) for b in batches])
-    return curvature, aggregate(raw, spec.influence.aggregate)
+    def scores(spec, queries):
+        queries = query_part_rows(spec, queries, tok)  # as scoring
+        order = grouping_order(model, units, query_batches(queries), spec.influence)
+        queries = queries if order is None else [queries[i] for i in order]
+        features = precondition_queries(model, units, query_batches(queries), spec.influence,
+                                        curvature)
+        return torch.cat([score_batch(model, units, b, features, spec.influence)
+                          for b in batches])
+
+    score = aggregate(scores(spec, queries), spec.influence.aggregate)
+    src = sources(score, spec.influence.expand_top_k if hop else 0)
+    if len(src):
+        hop_raw = scores(hop_spec(spec), [rows[i] for i in src.tolist()])
+        score = second_hop(score, score[src], hop_raw, column_scales(hop_raw))[0]
+    return curvature, score
 
 
 def ranked_table(rows: list[dict], score: torch.Tensor) -> pa.Table:

@@ -136,7 +136,7 @@ def one_worker_reference(byo_inputs, cache) -> tuple[dict, dict]:
     train = pq.read_table(prepared.train).to_pylist()
     curvature, score = influence_in_process(
         specs.score_spec(cfg, prepared.model_dir()), train,
-        pq.read_table(prepared.queries).to_pylist(), fit.fisher, fit.damping)
+        pq.read_table(prepared.queries).to_pylist(), fit.fisher, fit.damping, hop=True)
     return curvature.to_tensors(), dict(zip((r["id"] for r in train), score.tolist()))
 
 
