@@ -11,7 +11,8 @@
    ranked shards, one row per training id with ``score`` and ``rank``; memory holds one record
    batch and the (id, score, rank) of each row needed to rank, never the corpus's text. Between
    ranking and writing, the top rows can be re-scored per unit (``cluster.attribution``) and
-   their shares written as one more column.
+   their shares written as one more column, and the second hop's shards (``cluster.second_hop``)
+   can raise scores, streamed the same way.
 
 The score stage runs step 2 by fixed row ranges (``cluster.score_shards``), so that a killed
 stage resumes with the ranges it finished; ``score_corpus`` streams a whole dataset at once.

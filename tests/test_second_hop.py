@@ -55,6 +55,8 @@ def test_sources_are_the_best_finite_positive_scores_best_first():
     assert sources(score, 0).tolist() == []
     rank = np.array([4, 6, 1, 5, 2, 3])
     assert source_positions(score.numpy(), rank, 10).tolist() == [2, 4, 0]
+    nothing = np.array([-1.0, 0.0, np.nan])  # no row drives the outputs: no second hop
+    assert source_positions(nothing, np.array([2, 1, 3]), 5).tolist() == []
 
 
 @pytest.mark.parametrize("k", [-1, 2.5, True, "many"])
