@@ -10,6 +10,7 @@ from pathlib import Path
 
 D, F, LAYERS, PARAMS, VOCAB = 4096, 11008, 32, 6.74e9, 32000
 SEQ, SEQUENCES, QUERIES = 512, 100_000, 64
+EXPAND = 30  # influence.expand_top_k: the second hop's pass scores the corpus against 30 rows
 GPU_FLOPS, MFU, GPU_MEM = 312e12, 0.4, 80  # A100 bf16 peak, assumed utilisation, GiB
 OUT = Path(__file__).resolve().parents[1] / "docs" / "SCALING.md"
 
@@ -42,9 +43,10 @@ def estimate(kind: str, gpus: int) -> dict[str, float]:
     fwd_bwd_act = 4 * PARAMS  # forward + activation backward (no weight gradients)
     cov = tokens * (fwd_bwd_act + LAYERS * layer["cov_per_token"])
     lam = tokens * fwd_bwd_act + SEQUENCES * LAYERS * layer["per_seq"]
-    score = tokens * fwd_bwd_act + SEQUENCES * LAYERS * (layer["per_seq"]
-                                                         + 2 * QUERIES * sum(
-                                                             o * i for i, o in units(kind)))
+    def scoring_pass(queries: int) -> float:
+        return tokens * fwd_bwd_act + SEQUENCES * LAYERS * (
+            layer["per_seq"] + 2 * queries * sum(o * i for i, o in units(kind)))
+    score = scoring_pass(QUERIES) + scoring_pass(EXPAND)  # the first pass, the second hop
     eigh = LAYERS * layer["eigh"] / gpus  # units spread over GPUs
     factors_gib = LAYERS * layer["floats"] * 4 / 2 ** 30  # fp32
     return {"factor GiB (fp32, whole model)": factors_gib,
@@ -67,7 +69,9 @@ def render() -> str:
              "## Assumptions", "",
              f"- Model: Llama-2-7B shapes (d = {D}, f = {F}, {LAYERS} layers, gated MLP, "
              f"{PARAMS / 1e9:.2f} B parameters, bf16 weights = {PARAMS * 2 / 2 ** 30:.0f} GiB).",
-             f"- Corpus: {SEQUENCES:,} sequences × {SEQ} tokens; {QUERIES} query batches.",
+             f"- Corpus: {SEQUENCES:,} sequences × {SEQ} tokens; {QUERIES} query batches, "
+             f"then the second hop's pass against the top {EXPAND} rows "
+             "(`influence.expand_top_k`): scoring counts both passes.",
              f"- GPU: A100 80 GB, {GPU_FLOPS / 1e12:.0f} TFLOP/s bf16 peak at {MFU:.0%} "
              "utilisation for matmul-heavy passes; eigendecompositions at 10% of peak in fp32/64.",
              "- Data parallel: every GPU holds the model (ZeRO-3 for IBO) and a shard of the "
