@@ -17,13 +17,12 @@ from operators.query_parts import part_encoding, query_rows
 from operators.scores import (
     InfluenceConfig,
     aggregate,
-    column_scales,
     grouping_order,
     precondition_queries,
     score_batch,
     units_for,
 )
-from operators.second_hop import hop_config, second_hop, sources
+from operators.second_hop import hop_config, raised
 from operators.sequences import collate, encode, sequence_losses
 from operators.units import discover_units
 from pipeline.demo.model import TinyModelConfig, train_demo_model
@@ -81,13 +80,11 @@ def ranked(model, tok, train_rows, queries, config: InfluenceConfig, train_on_pr
     data = batches(tok, train_rows, train_on_prompt=train_on_prompt)
     curv = _curvature(model, units, data, config, seed)
     raw = _scores(model, tok, units, data, queries, config, curv, patterns)
-    first = aggregate(raw, how)
-    src = sources(first, config.expand_top_k)
-    if not len(src):
-        return first, raw
-    rows = [dict(train_rows[i], id=f"hop{i}") for i in src.tolist()]
-    hop_raw = _scores(model, tok, units, data, rows, hop_config(config), curv)
-    return second_hop(first, first[src], hop_raw, column_scales(hop_raw))[0], raw
+    def score_sources(positions):
+        rows = [dict(train_rows[i], id=f"hop{i}") for i in positions]
+        return _scores(model, tok, units, data, rows, hop_config(config), curv)
+
+    return raised(aggregate(raw, how), config.expand_top_k, score_sources), raw
 
 
 def _curvature(model, units, data, config: InfluenceConfig, seed: int):

@@ -267,17 +267,21 @@ class RowColumn:
 Hop = Callable[[list[Path], "Ranking"], tuple[np.ndarray, np.ndarray]]
 
 
-def rank_rows(raw_dir: Path, how: str, hop: Hop | None = None) -> Ranking:
-    """Stream the raw shards twice (column scales; ids and scores) and rank every row; with
-    ``hop``, rank again by the scores the second hop raised."""
+def rank_rows(raw_dir: Path, how: str, hop: Hop | None = None,
+              first: Ranking | None = None) -> Ranking:
+    """Stream the raw shards twice (column scales; ids and scores) and rank every row (or take
+    ``first``, that ranking already made); with ``hop``, rank again by the scores the second
+    hop raised."""
     files = sorted(raw_dir.glob("*.parquet"))
-    scales = column_scales_of(files)
-    ids, score, inhibit = _ids_and_scores(files, scales, how, raw_dir)
-    ranking = Ranking(ids, score, _ranks(ids, score), scales, inhibit)
+    if first is None:
+        scales = column_scales_of(files)
+        ids, score, inhibit = _ids_and_scores(files, scales, how, raw_dir)
+        first = Ranking(ids, score, _ranks(ids, score), scales, inhibit)
     if hop is None:
-        return ranking
-    final, via = hop(files, ranking)
-    return Ranking(ids, final, _ranks(ids, final), scales, inhibit, first=score, via=via)
+        return first
+    final, via = hop(files, first)
+    return Ranking(first.ids, final, _ranks(first.ids, final), first.scales, first.inhibition,
+                   first=first.score, via=via)
 
 
 def _ranks(ids: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -290,17 +294,18 @@ def _ranks(ids: np.ndarray, score: np.ndarray) -> np.ndarray:
 
 def finalize(raw_dir: Path, out_dir: Path, how: str,
              extra: Callable[[Ranking], RowColumn | None] | None = None,
-             hop: Hop | None = None) -> dict:
+             hop: Hop | None = None, first: Ranking | None = None) -> dict:
     """Write ``out_dir/part-*.parquet``: every row with ``score`` and ``rank``, once each.
 
     Streams the raw shards three times (column scales; ids and scores; the rows themselves), so
     memory holds one record batch plus an (id, score, rank) triple per row, not the corpus. The
     folder appears under its final name only when complete. ``extra`` (given the ranking, before
     the rows are written) may add one column, e.g. the top rows' attribution; ``hop`` raises
-    scores by the second pass (then a ``via`` column names each raised row's source).
+    scores by the second pass (then a ``via`` column names each raised row's source); ``first``:
+    the raw shards' ranking when the caller has made it already.
     """
     files = sorted(raw_dir.glob("*.parquet"))
-    ranking = rank_rows(raw_dir, how, hop)
+    ranking = rank_rows(raw_dir, how, hop, first)
     column = extra(ranking) if extra is not None else None
     with atomic(out_dir) as tmp:
         tmp.mkdir()

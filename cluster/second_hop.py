@@ -12,6 +12,7 @@ what is there) and ``raw/`` shards named as the first pass's, so the two line up
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -63,7 +64,6 @@ def prepare_folder(work: Path, ids: list[str]) -> Path:
     folder = work / HOP
     marker = folder / SOURCES
     if folder.exists() and (not marker.is_file() or json.loads(marker.read_text()) != ids):
-        import shutil
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     marker.write_text(json.dumps(ids))

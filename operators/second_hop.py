@@ -21,6 +21,7 @@ that plant it in the observed wording.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -67,3 +68,14 @@ def hop_config(config):
     """The ``InfluenceConfig`` the sources are scored as queries with: each source a query of
     its own (no batching), over its whole response (its training tokens' behaviour)."""
     return replace(config, query_parts=("response",), query_batch_size=1)
+
+
+def raised(first: Tensor, k: int, score_sources: Callable[[list[int]], Tensor]) -> Tensor:
+    """The second hop in memory: ``first`` ([N], the first pass's scores) raised through its
+    top ``k`` rows, whose raw score columns ``[N, K]`` ``score_sources(positions)`` returns."""
+    from operators.scores import column_scales  # operators.scores imports this module
+    src = sources(first, k)
+    if not len(src):
+        return first
+    hop_raw = score_sources(src.tolist())
+    return second_hop(first, first[src], hop_raw, column_scales(hop_raw))[0]

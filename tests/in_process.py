@@ -17,12 +17,11 @@ from operators.curvature import Curvature, fit_curvature
 from operators.factors import DampingConfig
 from operators.scores import (
     aggregate,
-    column_scales,
     grouping_order,
     precondition_queries,
     score_batch,
 )
-from operators.second_hop import second_hop, sources
+from operators.second_hop import raised
 
 
 def influence_in_process(spec: ScoreSpec, rows: list[dict], queries: list[dict],
@@ -47,11 +46,9 @@ def influence_in_process(spec: ScoreSpec, rows: list[dict], queries: list[dict],
                           for b in batches])
 
     score = aggregate(scores(spec, queries), spec.influence.aggregate)
-    src = sources(score, spec.influence.expand_top_k if hop else 0)
-    if len(src):
-        hop_raw = scores(hop_spec(spec), [rows[i] for i in src.tolist()])
-        score = second_hop(score, score[src], hop_raw, column_scales(hop_raw))[0]
-    return curvature, score
+    return curvature, raised(score, spec.influence.expand_top_k if hop else 0,
+                             lambda positions: scores(hop_spec(spec),
+                                                      [rows[i] for i in positions]))
 
 
 def ranked_table(rows: list[dict], score: torch.Tensor) -> pa.Table:

@@ -14,7 +14,7 @@ from cluster.factor_job import fit_factors, passes
 from cluster.progress import Progress
 from cluster.runtime import connect
 from cluster.score_shards import RAW, features_in, missing_shards, plan_shards, score_shards
-from cluster.scoring import finalize, rank_rows
+from cluster.scoring import Ranking, finalize, rank_rows
 from cluster.second_hop import (
     Hop,
     combine,
@@ -74,10 +74,11 @@ def run_score(ctx: StageContext) -> dict:
     todo = missing_shards(work, shards)
     ctx.log(f"score: {len(shards) - len(todo)} of {len(shards)} shards reused from {work}")
     metrics = _score_missing(ctx, spec, queries, train, todo, cluster, work)
-    hop, hop_metrics = _second_hop(ctx, spec, train, shards, cluster, work)
+    first = rank_rows(work / RAW, cfg.influence.aggregate)
+    hop, hop_metrics = _second_hop(ctx, spec, first, train, shards, cluster, work)
     summary = finalize(work / RAW, ctx.output().ranked, cfg.influence.aggregate,
                        _attribution(ctx, spec, queries, cluster, work),
-                       None if hop is None else partial(combine, hop))
+                       None if hop is None else partial(combine, hop), first)
     if summary["nonfinite"]:
         ctx.log(f"WARNING: {summary['nonfinite']} samples had NaN/inf gradients and are "
                 f"excluded: {summary['nonfinite_ids'][:10]}")
@@ -95,16 +96,15 @@ def run_score(ctx: StageContext) -> dict:
             **{k: v for k, v in summary.items() if k.startswith("attribution/")}}
 
 
-def _second_hop(ctx: StageContext, spec, train: Path, shards, cluster, work: Path
-                ) -> tuple[Hop | None, dict]:
-    """The second pass (cluster/second_hop.py): the first pass's top rows scored as queries,
-    by the same resumable shards under ``work/hop``; (None, ...) when off or no row scored
-    above 0."""
+def _second_hop(ctx: StageContext, spec, first: Ranking, train: Path, shards, cluster,
+                work: Path) -> tuple[Hop | None, dict]:
+    """The second pass (cluster/second_hop.py): the top rows of ``first`` (the first pass's
+    ranking) scored as queries, by the same resumable shards under ``work/hop``; (None, ...)
+    when off or no row scored above 0."""
     k = spec.influence.expand_top_k
     none = {"score/second_hop_sources": 0}
     if not k:
         return None, none
-    first = rank_rows(work / RAW, ctx.cfg.influence.aggregate)
     positions = source_positions(first.score, first.rank, k)
     if not len(positions):
         ctx.log("score: no row scored above 0: no second hop")
