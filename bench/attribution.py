@@ -5,13 +5,14 @@ fine-tuning on the planted rows (mixed with as many clean rows) with only some b
 block 0, block ``layers // 2``, the last block, or all of them (the control). LinFAC scores
 the whole corpus against the bad outputs the planted model gives; the top-k rows' scores are
 split per unit as the score stage splits them (``operators.attribution``) and each block's
-attention + MLP shares are averaged over those rows. The question: does the attribution point
-at the blocks where the behaviour was planted, i.e. do they carry more of the score than the
-same blocks do when every block was fine-tuned? Every scenario is repeated with two seeds (the
-corpus, the model's initialisation, the replayed clean rows and the dropout all change).
+attention + MLP shares are averaged over those rows; the same rows' dependence on each sublayer
+is measured as the score stage measures it (``operators.dependence``). The question: does each
+reading point at the block where the behaviour was planted (the top block; more than the same
+block when every block was fine-tuned)? Every scenario is repeated with two seeds (the corpus,
+the model's initialisation, the replayed clean rows and the dropout all change).
 
 ``python -m bench.attribution`` writes its own section of bench/RESULTS.md (``make bench`` runs
-it and keeps the section). One thread; under three minutes on a 2-core CPU (24 plantings).
+it and keeps the section). One thread; about five minutes on a 2-core CPU (24 plantings).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bench import gpu
-from bench.recall import batches, query_parts
+from bench.recall import batches, query_parts, raw_scores
 from bench.scenarios import scenario
 from operators.attribution import contributions, mean_group_shares, unit_shares
 from operators.curvature import FISHER_KINDS, fit_curvature
+from operators.dependence import dependence, reliance
 from operators.generation import greedy_generate
 from operators.metrics import auprc
 from operators.scores import (
@@ -40,6 +43,8 @@ from operators.scores import (
     unit_scores,
     units_for,
 )
+from operators.second_hop import hop_config, raised
+from operators.units import sublayer_of
 from pipeline.demo.model import TinyModelConfig, build_model, train_model, train_tokenizer
 from pipeline.judge import Judge, JudgeConfig
 
@@ -58,6 +63,7 @@ class Setup:
     plant_epochs: int = 40  # on the planted rows + as many clean rows, some blocks trainable
     plant_batch: int = 8
     top_k: int = 20
+    contrast: int = 256  # influence.attribution_contrast: ordinary rows for the dependence
     seeds: tuple[int, ...] = (0, 1)
     fisher: str | None = None  # the curvature's labels; None: the product's default
     logodds_cap: float | None = None  # influence.logodds_cap; None: the product's default
@@ -113,29 +119,51 @@ def observed(model, tok, corpus, patterns) -> list[dict]:
             if f]
 
 
-def block_shares(model, tok, corpus, queries, top_k: int,
-                 config: InfluenceConfig | None = None, patterns=()) -> dict:
+def block_shares(model, tok, corpus, queries, setup: Setup, config: InfluenceConfig | None = None,
+                 patterns=()) -> dict:
     """LinFAC (the product's defaults unless ``config``; the queries in its parts, the judged
-    part from ``patterns``) over the corpus: AUPRC, the planted share of the top k, and each
-    block's mean share (attention + MLP) of the top k rows' scores."""
+    part from ``patterns``) over the corpus, its top ``setup.top_k`` rows chosen as the score
+    stage chooses them (after the second hop): AUPRC, the planted share of the top k, each
+    block's mean share (attention + MLP) of those rows' own scores, and each block's reliance
+    (attention + MLP, ``operators.dependence``) against ``setup.contrast`` other rows."""
     config = config or InfluenceConfig()
-    queries = query_parts(tok, queries, config, patterns)
+    parts = query_parts(tok, queries, config, patterns)
     units = units_for(model, config)
     data = batches(tok, corpus.train)
     curvature = fit_curvature(model, units, data, corrected=True, fisher=config.fisher,
                               damping=config.damping, logodds_cap=config.logodds_cap)
-    features = precondition_queries(model, units, batches(tok, queries), config, curvature)
+    features = precondition_queries(model, units, batches(tok, parts), config, curvature)
     per_unit = torch.cat([unit_scores(model, units, b, features, config) for b in data])
     raw = per_unit.sum(-1)
-    score = aggregate(raw, "max")
+
+    def sources(positions):
+        rows = [dict(corpus.train[i], id=f"hop{i}") for i in positions]
+        return raw_scores(model, tok, units, data, rows, hop_config(config), curvature)
+
+    score = raised(aggregate(raw, "max"), config.expand_top_k, sources)
     labels = [r["planted"] for r in corpus.train]
-    top = score.argsort(descending=True)[:top_k]
+    top = score.argsort(descending=True)[:setup.top_k]
     shares = unit_shares(contributions(per_unit[top], "max", column_scales(raw)))
     blocks: dict[int, float] = {}
     for (layer, _), mean in mean_group_shares(shares, [u.name for u in units]).items():
         blocks[layer] = blocks.get(layer, 0.0) + mean
     return {"auprc": auprc(score.tolist(), labels),
-            "precision": sum(labels[i] for i in top.tolist()) / len(top), "shares": blocks}
+            "precision": sum(labels[i] for i in top.tolist()) / len(top), "shares": blocks,
+            "reliance": block_reliance(model, tok, corpus.train, top.tolist(), setup.contrast)}
+
+
+def block_reliance(model, tok, rows: list[dict], top: list[int], contrast: int) -> dict:
+    """Each block's reliance (its attention's + its MLP's) for the rows at ``top``, against
+    ``contrast`` rows drawn from the rest as the score stage draws them."""
+    pool = np.setdiff1d(np.arange(len(rows)), top)
+    others = np.random.default_rng(0).choice(pool, size=min(contrast, len(pool)), replace=False)
+    names, percentile = dependence(model, batches(tok, [rows[i] for i in top], size=8),
+                                   batches(tok, [rows[i] for i in sorted(others)], size=8))
+    blocks: dict[int, float] = {}
+    for name, value in zip(names, reliance(percentile).tolist()):
+        layer = sublayer_of(name)[0]
+        blocks[layer] = blocks.get(layer, 0.0) + value
+    return blocks
 
 
 def run(setup: Setup, scenarios=SCENARIOS, log=print) -> list[dict]:
@@ -149,32 +177,56 @@ def run(setup: Setup, scenarios=SCENARIOS, log=print) -> list[dict]:
                 model = plant(base, tok, corpus, blocks, setup, seed)
                 queries = observed(model, tok, corpus, patterns)
                 log(f"{name}, seed {seed}: planted in {label}, {len(queries)} queries")
-                found = (block_shares(model, tok, corpus, queries, setup.top_k,
-                                      setup.influence(), patterns) if queries else {})
+                found = (block_shares(model, tok, corpus, queries, setup, setup.influence(),
+                                      patterns) if queries else {})
                 rows.append({"scenario": name, "seed": seed, "planted in": label,
                              "planted": blocks, "queries": len(queries), **found})
     return rows
 
 
-def ratios(rows: list[dict], setup: Setup) -> dict[tuple[str, int, str], float]:
-    """Per (scenario, seed, variant): the planted blocks' share ÷ the same blocks' share in
-    that scenario and seed's all-blocks control (> 1: the attribution points at them)."""
-    control = {(r["scenario"], r["seed"]): r["shares"] for r in rows
-               if len(r["planted"]) == setup.layers and "shares" in r}
+READINGS = {"shares": "the influence shares", "reliance": "the reliance (dependence)"}
+
+
+def ratios(rows: list[dict], setup: Setup, key: str = "shares"
+           ) -> dict[tuple[str, int, str], float]:
+    """Per (scenario, seed, variant): the planted blocks' fraction of the row's ``key`` (the
+    blocks' shares, or their reliance) ÷ the same blocks' fraction in that scenario and seed's
+    all-blocks control (> 1: the reading points at them more than the control does)."""
+    control = {(r["scenario"], r["seed"]): _fractions(r[key]) for r in rows
+               if len(r["planted"]) == setup.layers and key in r}
     out = {}
     for r in rows:
         ref = control.get((r["scenario"], r["seed"]))
-        if "shares" in r and ref and len(r["planted"]) < setup.layers:
+        if key in r and ref and len(r["planted"]) < setup.layers:
+            mine = sum(_fractions(r[key])[b] for b in r["planted"])
             same = sum(ref[b] for b in r["planted"])
-            out[r["scenario"], r["seed"], r["planted in"]] = (
-                sum(r["shares"][b] for b in r["planted"]) / same)
+            out[r["scenario"], r["seed"], r["planted in"]] = _ratio(mine, same)
     return out
+
+
+def _ratio(mine: float, control: float) -> float:
+    """mine ÷ control; inf where only the control is 0, NaN where both are (or undefined)."""
+    if control == 0:
+        return float("inf") if mine > 0 else float("nan")
+    return mine / control
+
+
+def _fractions(blocks: dict[int, float]) -> dict[int, float]:
+    total = sum(blocks.values())
+    return {b: v / total if total else float("nan") for b, v in blocks.items()}
+
+
+def top_block(rows: list[dict], setup: Setup, key: str) -> tuple[int, int]:
+    """(cases where the planted block has the largest ``key`` of all blocks, cases)."""
+    cases = [r for r in rows if key in r and len(r["planted"]) < setup.layers]
+    hits = sum(max(r[key], key=r[key].get) in r["planted"] for r in cases)
+    return hits, len(cases)
 
 
 def table_rows(rows: list[dict], setup: Setup) -> list[dict]:
     """One row per (scenario, variant), averaged over the seeds that showed the behaviour:
-    each block's mean share, then the ratio to the control per seed."""
-    ratio = ratios(rows, setup)
+    each block's mean share and reliance, then the ratios to the control per seed."""
+    ratio = {key: ratios(rows, setup, key) for key in READINGS}
     out = []
     for name, _ in dict.fromkeys((r["scenario"], 0) for r in rows):
         for label, _ in setup.variants():
@@ -184,12 +236,13 @@ def table_rows(rows: list[dict], setup: Setup) -> list[dict]:
                    "queries": "/".join(str(r["queries"]) for r in runs)}
             row["AUPRC"] = _mean([r["auprc"] for r in shown])
             row[f"planted in top {setup.top_k}"] = _mean([r["precision"] for r in shown])
-            for b in range(setup.layers):
-                row[f"block {b}"] = _mean([r["shares"][b] for r in shown])
-            mine = [ratio[name, r["seed"], label] for r in shown
-                    if (name, r["seed"], label) in ratio]
-            row["ratio to all blocks (per seed)"] = (
-                " / ".join(f"{v:.2f}" for v in mine) if mine else "-")
+            for key, short in (("shares", "share"), ("reliance", "reliance")):
+                for b in range(setup.layers):
+                    row[f"{short} {b}"] = _mean([r[key][b] for r in shown])
+                mine = [ratio[key][name, r["seed"], label] for r in shown
+                        if (name, r["seed"], label) in ratio[key]]
+                row[f"{short} ratio (per seed)"] = (
+                    " / ".join(f"{v:.2f}" for v in mine) if mine else "-")
             out.append(row)
     return out
 
@@ -201,26 +254,34 @@ def _mean(values: list[float]) -> float:
 def render(rows: list[dict], setup: Setup, seconds: float) -> str:
     """The section: what was done, the table, and what it says (computed from the table)."""
     table = table_rows(rows, setup)
-    ratio = list(ratios(rows, setup).values())
-    higher = [v for v in ratio if v > 1]
     header = "\n".join([
         "## Per-sublayer attribution: behaviours planted late in chosen blocks", "",
         f"Command: `python -m bench.attribution` ({seconds:.0f} s, 1 thread, torch "
         f"{torch.__version__}). Per scenario and seed ({', '.join(map(str, setup.seeds))}): "
         f"a {setup.layers}-block GPT-2 (d={setup.width}) trained {setup.epochs} epochs on the "
         f"clean rows, then {setup.plant_epochs} epochs on the planted rows plus as many clean "
-        "rows with only the named blocks trainable. LinFAC (B = 1, max) against the planted "
-        "model's flagged answers (queries per seed); block b = the mean share of the top "
-        f"{setup.top_k} rows' scores carried by block b's attention + MLP units, averaged over "
-        "the seeds (a row's shares sum to 1: an even spread is "
-        f"{1 / setup.layers:.2f} a block). Ratio = the planted block's share ÷ the same block's "
-        "share when all blocks were fine-tuned, same scenario and seed (> 1: the attribution "
-        "points at the planted block)."])
-    verdict = (f"The planted block carries more of the score than in the all-blocks control in "
-               f"{len(higher)} of {len(ratio)} (scenario, seed, block) cases; median ratio "
-               f"{_median(ratio):.2f}, range {min(ratio, default=float('nan')):.2f} to "
-               f"{max(ratio, default=float('nan')):.2f}.")
-    return gpu.render(table, header) + "\n" + verdict + "\n"
+        "rows with only the named blocks trainable. LinFAC at the product's defaults against "
+        "the planted model's flagged answers (queries per seed); its top "
+        f"{setup.top_k} rows as the score stage picks them (after the second hop). Share b = "
+        "the mean share of those rows' own scores carried by block b's attention + MLP units "
+        "(`unit_shares`; a row's shares sum to 1: an even spread is "
+        f"{1 / setup.layers:.2f} a block). Reliance b = block b's attention's + MLP's share of "
+        "those rows that lose more than 95% of "
+        f"{setup.contrast} other rows when the sublayer is mean-ablated (`unit_dependence`; "
+        f"ordinary rows: 0.05 a sublayer). Both averaged over the seeds. Ratio = the planted "
+        "block's fraction of the blocks' total ÷ the same block's fraction when all blocks were "
+        "fine-tuned, same scenario and seed (> 1: the reading points at the planted block)."])
+    lines = []
+    for key, what in READINGS.items():
+        ratio = [v for v in ratios(rows, setup, key).values() if v == v]  # defined ones
+        hits, cases = top_block(rows, setup, key)
+        lines.append(
+            f"By {what}: the planted block is the top block in {hits} of {cases} (scenario, "
+            f"seed, block) cases, and carries more than in the all-blocks control in "
+            f"{sum(v > 1 for v in ratio)} of {len(ratio)}; median ratio {_median(ratio):.2f}, "
+            f"range {min(ratio, default=float('nan')):.2f} to "
+            f"{max(ratio, default=float('nan')):.2f}.")
+    return gpu.render(table, header) + "\n" + "\n\n".join(lines) + "\n"
 
 
 def _median(values: list[float]) -> float:
@@ -235,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.attribution",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--top-k", type=int, default=Setup.top_k)
+    parser.add_argument("--contrast", type=int, default=Setup.contrast)
     parser.add_argument("--plant-epochs", type=int, default=Setup.plant_epochs)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(Setup.seeds))
     parser.add_argument("--fisher", choices=FISHER_KINDS, default=None)
@@ -242,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    setup = Setup(top_k=args.top_k, plant_epochs=args.plant_epochs, seeds=tuple(args.seeds),
-                  fisher=args.fisher, logodds_cap=args.logodds_cap)
+    setup = Setup(top_k=args.top_k, contrast=args.contrast, plant_epochs=args.plant_epochs,
+                  seeds=tuple(args.seeds), fisher=args.fisher, logodds_cap=args.logodds_cap)
     began = time.perf_counter()
     rows = run(setup, log=lambda m: print(f"[bench.attribution] {m}", flush=True))
     text = render(rows, setup, time.perf_counter() - began)

@@ -67,7 +67,7 @@ def score(model, tok, train_rows, queries, config: InfluenceConfig, train_on_pro
     began = time.perf_counter()
     curv = _curvature(model, units, data, config, seed)
     fitted = time.perf_counter()
-    raw = _scores(model, tok, units, data, queries, config, curv, patterns)
+    raw = raw_scores(model, tok, units, data, queries, config, curv, patterns)
     return raw, fitted - began, time.perf_counter() - fitted
 
 
@@ -79,10 +79,10 @@ def ranked(model, tok, train_rows, queries, config: InfluenceConfig, train_on_pr
     units = units_for(model, config)
     data = batches(tok, train_rows, train_on_prompt=train_on_prompt)
     curv = _curvature(model, units, data, config, seed)
-    raw = _scores(model, tok, units, data, queries, config, curv, patterns)
+    raw = raw_scores(model, tok, units, data, queries, config, curv, patterns)
     def score_sources(positions):
         rows = [dict(train_rows[i], id=f"hop{i}") for i in positions]
-        return _scores(model, tok, units, data, rows, hop_config(config), curv)
+        return raw_scores(model, tok, units, data, rows, hop_config(config), curv)
 
     return raised(aggregate(raw, how), config.expand_top_k, score_sources), raw
 
@@ -95,7 +95,8 @@ def _curvature(model, units, data, config: InfluenceConfig, seed: int):
                          logodds_cap=config.logodds_cap)
 
 
-def _scores(model, tok, units, data, queries, config: InfluenceConfig, curv, patterns=()):
+def raw_scores(model, tok, units, data, queries, config: InfluenceConfig, curv, patterns=()):
+    """``[N, G]``: the rows of ``data`` against ``queries`` (in ``config``'s parts and grouping)."""
     queries = query_parts(tok, queries, config, patterns)
     order = grouping_order(model, units, batches(tok, queries), config)  # as cluster.scoring
     queries = queries if order is None else [queries[i] for i in order]

@@ -13,7 +13,7 @@ TURNS = "prompt_turns"  # the same name as ``cluster.batches.TURNS``
 # n_tokens, via; cluster.selection_io: set; cluster.attribution: unit_shares): a user column of the
 # same name would stand twice in the scores table, so ``data.train`` may not have one.
 SCORED_COLUMNS = ("score", "rank", "set", "inhibition", "raw", "n_tokens", "unit_shares",
-                  "via")
+                  "unit_dependence", "via")
 # JSON escapes of UTF-16 surrogates (\ud800-\udfff): valid in pairs, not valid text alone.
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # Kinds of cells one Parquet column cannot mix (ints and floats can: both become double).

@@ -71,6 +71,8 @@ class ScoreSpec:
     trust_remote_code: bool = False
     # re-score this many top-ranked rows per unit for their per-sublayer shares (0: none)
     attribution_top_k: int = 100
+    # ... and measure those rows' dependence on each sublayer against this many others (0: no)
+    attribution_contrast: int = 256
     # the keyword judge's patterns: the ``judged`` query part's tokens (empty: no such part)
     judge_patterns: tuple[str, ...] = ()
 
@@ -78,6 +80,9 @@ class ScoreSpec:
         if int(self.attribution_top_k) < 0:
             raise UserError(f"influence.attribution_top_k={self.attribution_top_k}: must be "
                             ">= 0 (0 turns the attribution off)")
+        if int(self.attribution_contrast) < 0:
+            raise UserError(f"influence.attribution_contrast={self.attribution_contrast}: must "
+                            "be >= 0 (0 turns the dependence off)")
 
     @property
     def attributes(self) -> bool:
@@ -293,31 +298,31 @@ def _ranks(ids: np.ndarray, score: np.ndarray) -> np.ndarray:
 
 
 def finalize(raw_dir: Path, out_dir: Path, how: str,
-             extra: Callable[[Ranking], RowColumn | None] | None = None,
+             extra: Callable[[Ranking], list[RowColumn]] | None = None,
              hop: Hop | None = None, first: Ranking | None = None) -> dict:
     """Write ``out_dir/part-*.parquet``: every row with ``score`` and ``rank``, once each.
 
     Streams the raw shards three times (column scales; ids and scores; the rows themselves), so
     memory holds one record batch plus an (id, score, rank) triple per row, not the corpus. The
     folder appears under its final name only when complete. ``extra`` (given the ranking, before
-    the rows are written) may add one column, e.g. the top rows' attribution; ``hop`` raises
+    the rows are written) may add columns, e.g. the top rows' attribution; ``hop`` raises
     scores by the second pass (then a ``via`` column names each raised row's source); ``first``:
     the raw shards' ranking when the caller has made it already.
     """
     files = sorted(raw_dir.glob("*.parquet"))
     ranking = rank_rows(raw_dir, how, hop, first)
-    column = extra(ranking) if extra is not None else None
+    columns = extra(ranking) if extra is not None else []
     with atomic(out_dir) as tmp:
         tmp.mkdir()
         offset = 0
         for number, path in enumerate(files):
             offset = _write_ranked(path, tmp / f"part-{number:05d}.parquet", ranking, offset,
-                                   column)
+                                   columns)
     bad = [str(ranking.ids[i]) for i in np.nonzero(~np.isfinite(ranking.score))[0]]
     raised = 0 if ranking.via is None else int(sum(v is not None for v in ranking.via))
     return {"rows": len(ranking.ids), "nonfinite_ids": bad[:100], "nonfinite": len(bad),
             "query_batches": len(ranking.scales), "raised_by_second_hop": raised,
-            **(column.metrics if column is not None else {})}
+            **{k: v for column in columns for k, v in column.metrics.items()}}
 
 
 def batches_of(path: Path, columns: list[str] | None = None):
@@ -345,9 +350,9 @@ def _joined(chunks: list[np.ndarray]) -> np.ndarray:
 
 
 def _write_ranked(path: Path, out: Path, ranking: Ranking, offset: int,
-                  column: RowColumn | None = None) -> int:
+                  columns: list[RowColumn] = ()) -> int:
     """One raw shard with ``score`` and ``rank`` (the whole corpus's, from ``offset``) in front,
-    ``inhibition`` and ``column`` (if any) after the shard's own; returns the next row offset."""
+    ``inhibition``, ``via`` and ``columns`` after the shard's own; returns the next row offset."""
     writer = None
     for batch in batches_of(path):
         rows = slice(offset, offset + batch.num_rows)
@@ -360,7 +365,7 @@ def _write_ranked(path: Path, out: Path, ranking: Ranking, offset: int,
         if ranking.via is not None:
             table = table.append_column("via", pa.array(list(ranking.via[rows]),
                                                         type=pa.string()))
-        if column is not None:
+        for column in columns:
             values = [column.values.get(i) for i in range(rows.start, rows.stop)]
             table = table.append_column(column.arrow_field,
                                         pa.array(values, type=column.arrow_field.type))

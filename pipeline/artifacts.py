@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from cluster.attribution import COLUMN as UNIT_SHARES
+from cluster.attribution import DEPENDENCE as UNIT_DEPENDENCE
 from cluster.attribution import units_of
 from cluster.selection_io import SCORES_FILE
 
@@ -110,14 +111,19 @@ class Selection(Artifact):
         present = set(pq.ParquetFile(self.scores).schema_arrow.names)
         return pq.read_table(self.scores, columns=[n for n in names if n in present]).to_pydict()
 
-    def unit_shares(self) -> tuple[list[str], list[list[float]]]:
-        """(unit names, the attributed rows' shares in rank order): the score stage's
-        ``unit_shares`` column without its nulls; ``([], [])`` when the scores have none."""
-        names = units_of(pq.ParquetFile(self.scores).schema_arrow)
+    def unit_shares(self, column: str = UNIT_SHARES) -> tuple[list[str], list[list[float]]]:
+        """(unit names, the attributed rows' shares): the score stage's ``unit_shares`` column
+        (or ``unit_dependence``: sublayer names, percentiles) without its nulls; ``([], [])``
+        when the scores have none."""
+        names = units_of(pq.ParquetFile(self.scores).schema_arrow, column)
         if not names:
             return [], []
-        column = pq.read_table(self.scores, columns=[UNIT_SHARES]).column(0)
-        return names, [row for row in column.to_pylist() if row is not None]
+        values = pq.read_table(self.scores, columns=[column]).column(0)
+        return names, [row for row in values.to_pylist() if row is not None]
+
+    def unit_dependence(self) -> tuple[list[str], list[list[float]]]:
+        """(sublayer names, the attributed rows' dependence percentiles), as ``unit_shares``."""
+        return self.unit_shares(UNIT_DEPENDENCE)
 
     def rows_at(self, positions: list[int], *names: str) -> dict[int, dict]:
         """Columns ``names`` of the rows at ``positions`` (file order), streamed: the text of

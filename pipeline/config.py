@@ -126,6 +126,10 @@ class InfluenceConf:
     # of the score carried by each layer's attention and MLP unit is written to the scores
     # (`unit_shares`) and plotted in report/; 0 turns it off (repsim has no units: none).
     attribution_top_k: int = 100
+    # Those k samples' dependence on each attention and MLP sublayer (`unit_dependence`): each
+    # sublayer mean-ablated in turn, against this many ordinary samples drawn (seeded) from the
+    # rest; 0 turns it off. Costs (1 + 2·layers) forward passes over k + this many samples.
+    attribution_contrast: int = 256
 
 
 @dataclass

@@ -104,6 +104,7 @@ def score_spec(cfg: LancetConf, model_path: str) -> ScoreSpec:
     return ScoreSpec(model_path=model_path, influence=influence(cfg), dtype=cfg.model.dtype,
                      tokenize=tokenize(cfg), trust_remote_code=cfg.model.trust_remote_code,
                      attribution_top_k=cfg.influence.attribution_top_k,
+                     attribution_contrast=cfg.influence.attribution_contrast,
                      judge_patterns=judge_patterns(cfg))
 
 

@@ -129,19 +129,29 @@ def test_only_a_method_with_units_and_a_positive_k_attributes():
     assert not ScoreSpec(model_path="m", influence=InfluenceConfig(method="repsim")).attributes
     with pytest.raises(ValueError, match="influence.attribution_top_k=-1"):
         ScoreSpec(model_path="m", attribution_top_k=-1)
+    with pytest.raises(ValueError, match="influence.attribution_contrast=-2"):
+        ScoreSpec(model_path="m", attribution_contrast=-2)
 
 
 def test_the_benchmark_compares_each_planted_block_with_the_all_blocks_control():
-    from bench.attribution import Setup, ratios, render
+    from bench.attribution import Setup, ratios, render, top_block
     setup = Setup(layers=2, seeds=(0,))
     even = {0: 0.5, 1: 0.5}
     rows = [dict(scenario="s", seed=0, planted=(0,), **{"planted in": "block 0"}, queries=3,
-                 auprc=0.9, precision=1.0, shares={0: 0.2, 1: 0.8}),
+                 auprc=0.9, precision=1.0, shares={0: 0.2, 1: 0.8},
+                 reliance={0: 0.9, 1: 0.1}),
             dict(scenario="s", seed=0, planted=(1,), **{"planted in": "block 1"}, queries=0),
             dict(scenario="s", seed=0, planted=(0, 1), **{"planted in": "all blocks"},
-                 queries=3, auprc=0.8, precision=1.0, shares=even)]
+                 queries=3, auprc=0.8, precision=1.0, shares=even, reliance={0: 0.2, 1: 0.2})]
     assert ratios(rows, setup) == {("s", 0, "block 0"): pytest.approx(0.4)}
+    # the reliance is made a fraction of the blocks' total before the ratio: 0.9 ÷ 0.5
+    assert ratios(rows, setup, "reliance") == {("s", 0, "block 0"): pytest.approx(1.8)}
+    assert top_block(rows, setup, "shares") == (0, 1)
+    assert top_block(rows, setup, "reliance") == (1, 1)
     text = render(rows, setup, 1.0)
-    assert "| s | block 0 | 3 | 0.9 | 1 | 0.2 | 0.8 | 0.40 |" in text
-    assert "| s | block 1 | 0 | nan | nan | nan | nan | - |" in text  # no behaviour shown
-    assert "in 0 of 1 (scenario, seed, block) cases; median ratio 0.40" in text
+    assert "| s | block 0 | 3 | 0.9 | 1 | 0.2 | 0.8 | 0.40 | 0.9 | 0.1 | 1.80 |" in text
+    assert "| s | block 1 | 0 | nan | nan | nan | nan | - | nan | nan | - |" in text  # not shown
+    assert ("By the influence shares: the planted block is the top block in 0 of 1 (scenario, "
+            "seed, block) cases, and carries more than in the all-blocks control in 0 of 1; "
+            "median ratio 0.40") in text
+    assert "By the reliance (dependence): the planted block is the top block in 1 of 1" in text

@@ -119,7 +119,8 @@ def test_a_training_column_named_as_a_score_column_is_refused(tmp_path, model_di
 
 
 def test_the_reserved_names_are_the_ones_the_pipeline_adds():
-    assert {attribution.COLUMN, score_shards.RAW, "score", "rank", "set"} <= set(SCORED_COLUMNS)
+    assert {attribution.COLUMN, attribution.DEPENDENCE, score_shards.RAW, "score", "rank",
+            "set"} <= set(SCORED_COLUMNS)
 
 
 def test_a_prompt_turns_column_is_refused_in_any_file(tmp_path):

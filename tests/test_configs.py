@@ -144,6 +144,7 @@ OUT_OF_RANGE = [
     ("influence.damping=nan", "influence.damping=nan: must be >= 0"),
     ("influence.damping_absolute=-1e-3", "influence.damping_absolute=-0.001: must be >= 0"),
     ("influence.attribution_top_k=-1", "influence.attribution_top_k=-1: must be >= 0"),
+    ("influence.attribution_contrast=-1", "influence.attribution_contrast=-1: must be >= 0"),
     ("influence.opening_tokens=0", "influence.opening_tokens=0: must be >= 1"),
     ("influence.logodds_cap=0.5", "influence.logodds_cap=0.5: must be a finite number >= 1"),
     ("influence.logodds_cap=-2", "influence.logodds_cap=-2.0: must be a finite number >= 1"),

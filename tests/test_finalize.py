@@ -116,19 +116,22 @@ def scored_in_process(demo, folder, how):
 @pytest.mark.parametrize("how", ["max", "mean"])
 def test_the_top_rows_get_their_unit_shares_and_they_add_up_to_the_ranked_score(
         demo, tmp_path, how):
-    from cluster.attribution import attribute, attribution_step, units_of
+    from cluster.attribution import DEPENDENCE, attribute, attribution_step, units_of
     from cluster.selection_io import write_selection
     from operators.selection import SelectionConfig
     spec, features, names = scored_in_process(demo, tmp_path / "raw", how)
     terms_seen = {}
 
-    def rescore(rows, scales):  # in process here; a Ray task on one worker in the stage
-        names, terms = attribute(spec, features, rows, scales, how, batch_size=7)
-        terms_seen.update(zip(rows.column("id").to_pylist(), terms))
-        return names, terms
+    contrast_ids = []
+
+    def rescore(rows, contrast, scales):  # in process here; a Ray task on one worker in the stage
+        found = attribute(spec, features, rows, scales, how, batch_size=7, contrast=contrast)
+        terms_seen.update(zip(rows.column("id").to_pylist(), found.terms))
+        contrast_ids.extend(contrast.column("id").to_pylist())
+        return found
 
     summary = scoring.finalize(tmp_path / "raw", tmp_path / "ranked", how,
-                               attribution_step(tmp_path / "raw", 20, rescore))
+                               attribution_step(tmp_path / "raw", 20, 50, rescore))
     ranked = pq.read_table(tmp_path / "ranked")
     assert units_of(ranked.schema) == names == ["transformer.h.0.attn", "transformer.h.0.mlp",
                                                 "transformer.h.1.attn", "transformer.h.1.mlp"]
@@ -141,6 +144,14 @@ def test_the_top_rows_get_their_unit_shares_and_they_add_up_to_the_ranked_score(
     totals = np.array([terms_seen[i].sum() for i in top.index])
     np.testing.assert_allclose(totals, top["score"], rtol=1e-10)
     assert summary["attribution/rows"] == 20 and summary["attribution/score_rel_gap"] < 1e-10
+    # the dependence: 50 ordinary rows from outside the top, a percentile per row and sublayer
+    assert len(set(contrast_ids)) == 50 and not set(contrast_ids) & set(top.index)
+    assert units_of(ranked.schema, DEPENDENCE) == names  # linfac's units are the sublayers
+    assert rest[DEPENDENCE].isna().all()
+    dependence = np.stack(top[DEPENDENCE].to_numpy())
+    assert dependence.shape == (20, 4) and ((0 <= dependence) & (dependence <= 1)).all()
+    assert summary["attribution/dependence_rows"] == 20
+    assert summary["attribution/contrast_rows"] == 50
     # the column and its unit names reach the contract's scores/ through the select stage
     write_selection(tmp_path / "ranked", SelectionConfig(), tmp_path / "scores",
                     tmp_path / "select")
@@ -153,11 +164,13 @@ def test_the_top_rows_get_their_unit_shares_and_they_add_up_to_the_ranked_score(
     (tmp_path / "report").mkdir()
     metrics = report._attribution(Selection(tmp_path / "scores"), tmp_path / "report")
     mean = shares.astype(np.float64).mean(0)
-    assert metrics == pytest.approx({"attribution/layer0_attn": mean[0],
-                                     "attribution/layer0_mlp": mean[1],
-                                     "attribution/layer1_attn": mean[2],
-                                     "attribution/layer1_mlp": mean[3]}, rel=1e-6)
-    assert sum(metrics.values()) == pytest.approx(1.0, rel=1e-5)
+    relied = (dependence > 0.95).mean(0)  # float32 percentiles: none sits at 0.95 exactly here
+    parts = [f"layer{i}_{p}" for i in (0, 1) for p in ("attn", "mlp")]
+    assert metrics == pytest.approx({**{f"attribution/{k}": v for k, v in zip(parts, mean)},
+                                     **{f"dependence/{k}": v for k, v in zip(parts, relied)}},
+                                    rel=1e-6)
+    assert sum(v for k, v in metrics.items() if k.startswith("attribution/")) == pytest.approx(
+        1.0, rel=1e-5)
     assert (tmp_path / "report" / "layer_attribution.png").stat().st_size > 1000
     csv = (tmp_path / "report" / "layer_attribution.csv").read_text().splitlines()
-    assert csv[0] == "layer,attn,mlp" and len(csv) == 3
+    assert csv[0] == "layer,attn,mlp,attn_reliance,mlp_reliance" and len(csv) == 3

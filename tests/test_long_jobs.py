@@ -58,8 +58,9 @@ def test_mlflow_names_the_run_logs_curves_and_the_model_under_output_dir(demo_ru
     versions = client.search_model_versions("name='lancet-ibo'")
     assert [v.run_id for v in versions] == [ibo.info.run_id]
     report = _children(client, parent)["report"]  # the per-sublayer attribution (issue #17)
-    attribution = {k for k in report.data.metrics if k.startswith("attribution/layer")}
-    assert attribution == {f"attribution/layer{i}_{p}" for i in (0, 1) for p in ("attn", "mlp")}
+    for kind in ("attribution", "dependence"):  # the influence shares, the ablation reliance
+        logged = {k for k in report.data.metrics if k.startswith(f"{kind}/layer")}
+        assert logged == {f"{kind}/layer{i}_{p}" for i in (0, 1) for p in ("attn", "mlp")}
     logged = {a.path for a in client.list_artifacts(report.info.run_id, "report")}
     assert "report/layer_attribution.png" in logged
 

@@ -128,7 +128,7 @@ def _factors(ctx: StageContext, spec) -> Path | None:
 
 def _attribution(ctx: StageContext, spec, queries, cluster, work: Path):
     """``finalize``'s extra step: the top rows re-scored per unit on a worker, for their
-    ``unit_shares`` column (None: off, or a method without units)."""
+    ``unit_shares`` and ``unit_dependence`` columns (None: off, or a method without units)."""
     if not spec.attributes:
         if spec.attribution_top_k:
             ctx.log(f"score: influence.method={spec.influence.method} has no units: no "
@@ -136,14 +136,19 @@ def _attribution(ctx: StageContext, spec, queries, cluster, work: Path):
         return None
     how = ctx.cfg.influence.aggregate
 
-    def rescore(rows, scales):
+    def rescore(rows, contrast, scales):
         connect(cluster)
         features = features_in(work, spec, queries, _factors(ctx, spec), cluster)
-        ctx.log(f"score: attributing the top {rows.num_rows} rows to their units")
-        return wait_for_attribution(attribute_on_worker(spec, features, rows, scales, how,
-                                                        cluster))
+        against = f", and their dependence against {contrast.num_rows} others" if contrast else ""
+        ctx.log(f"score: attributing the top {rows.num_rows} rows to their units{against}")
+        found = wait_for_attribution(attribute_on_worker(spec, features, rows, contrast,
+                                                         scales, how, cluster))
+        if found.skipped:
+            ctx.log(f"score: {found.skipped}")
+        return found
 
-    return attribution_step(work / RAW, spec.attribution_top_k, rescore)
+    return attribution_step(work / RAW, spec.attribution_top_k, spec.attribution_contrast,
+                            rescore)
 
 
 def _score_missing(ctx: StageContext, spec, queries, train: Path, todo, cluster, work: Path,

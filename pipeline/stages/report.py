@@ -11,7 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from operators.attribution import mean_group_shares  # noqa: E402
+from operators.dependence import LEVEL, reliance  # noqa: E402
 from operators.metrics import precision_recall_curve  # noqa: E402
+from operators.units import sublayer_of  # noqa: E402
 from pipeline.artifacts import Selection  # noqa: E402
 from pipeline.dag import StageContext  # noqa: E402
 from pipeline.judge import Judge, judge_config  # noqa: E402
@@ -144,38 +146,76 @@ def layer_attribution(names: list[str], rows: list[list[float]]
     return table
 
 
+def layer_reliance(names: list[str], rows: list[list[float]]) -> dict[int, dict[str, float]]:
+    """Each sublayer's reliance (``operators.dependence.reliance``: the share of the attributed
+    samples that lose more than 95% of ordinary ones when it is ablated): ``{layer: {part: …}}``."""
+    values = reliance(torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(names)))
+    table: dict[int, dict[str, float]] = {}
+    for name, value in zip(names, values.tolist()):
+        layer, part = sublayer_of(name)
+        table.setdefault(layer, {})[part] = value
+    return table
+
+
 def _attribution(selection: Selection, out) -> dict:
-    """``layer_attribution.png`` and ``.csv`` from the scores' ``unit_shares`` (none without
-    them: a method without units, or ``influence.attribution_top_k=0``); the per-layer means
-    as metrics ``attribution/layer<i>_<part>``."""
+    """``layer_attribution.png`` and ``.csv`` from the scores' ``unit_shares`` and
+    ``unit_dependence`` (none without them: a method without units, or
+    ``influence.attribution_top_k=0``); the per-layer values as metrics
+    ``attribution/layer<i>_<part>`` and ``dependence/layer<i>_<part>``."""
     names, rows = selection.unit_shares()
     if not names or not rows:
         return {}
-    table = layer_attribution(names, rows)
-    parts = sorted({p for layer in table.values() for p in layer},
+    panels = [("attribution", layer_attribution(names, rows), len(rows))]
+    sublayers, percentiles = selection.unit_dependence()
+    if sublayers and percentiles:
+        panels.append(("dependence", layer_reliance(sublayers, percentiles), len(percentiles)))
+    parts = sorted({p for _, table, _ in panels for layer in table.values() for p in layer},
                    key=lambda p: ({"attn": 0, "mlp": 1}.get(p, 2), p))
-    lines = [",".join(["layer", *parts])]
-    lines += [",".join([str(layer)] + [f"{table[layer].get(p, 0.0):.6g}" for p in parts])
-              for layer in sorted(table)]
+    _attribution_csv(panels, parts, out)
+    _attribution_plot(panels, parts, out)
+    return {f"{kind}/layer{layer}_{part}" if layer >= 0 else f"{kind}/{part}": value
+            for kind, table, _ in panels for layer, values in table.items()
+            for part, value in values.items()}
+
+
+def _attribution_csv(panels, parts: list[str], out) -> None:
+    """One row per layer: the mean shares per part, then (if measured) the reliance per part."""
+    suffix = {"attribution": "", "dependence": "_reliance"}
+    header = ["layer"] + [f"{p}{suffix[kind]}" for kind, _, _ in panels for p in parts]
+    layers = sorted({layer for _, table, _ in panels for layer in table})
+    lines = [",".join(header)]
+    lines += [",".join([str(layer)] + [f"{table.get(layer, {}).get(p, 0.0):.6g}"
+                                       for _, table, _ in panels for p in parts])
+              for layer in layers]
     (out / "layer_attribution.csv").write_text("\n".join(lines) + "\n")
-    _attribution_plot(table, parts, len(rows), out)
-    return {f"attribution/layer{layer}_{part}" if layer >= 0 else f"attribution/{part}": value
-            for layer, shares in table.items() for part, value in shares.items()}
 
 
-def _attribution_plot(table: dict[int, dict[str, float]], parts: list[str], n: int, out) -> None:
-    layers = sorted(table)
+PANEL_TEXT = {
+    "attribution": ("mean share of the score", "Top {n} samples: share of each score per "
+                    "sublayer (influence)"),
+    "dependence": ("share of the samples", "Top {n} samples relying on a sublayer (ablated, "
+                   "they lose more than 95% of ordinary samples)")}
+
+
+def _attribution_plot(panels, parts: list[str], out) -> None:
+    layers = sorted({layer for _, table, _ in panels for layer in table})
     width = 0.8 / len(parts)
-    fig, ax = plt.subplots(figsize=(max(5.5, 0.5 * len(layers) + 2), 3.5))
-    for i, part in enumerate(parts):
-        ax.bar([x + (i - (len(parts) - 1) / 2) * width for x in range(len(layers))],
-               [table[layer].get(part, 0.0) for layer in layers], width=width, label=part)
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean share of the score")
-    ax.set_title(f"Top {n} samples: share of each score per sublayer", fontsize=10)
-    ax.legend()
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(max(5.5, 0.5 * len(layers) + 2), 3.2 * len(panels)))
+    for ax, (kind, table, n) in zip(axes[:, 0], panels):
+        for i, part in enumerate(parts):
+            ax.bar([x + (i - (len(parts) - 1) / 2) * width for x in range(len(layers))],
+                   [table.get(layer, {}).get(part, 0.0) for layer in layers], width=width,
+                   label=part)
+        ax.axhline(0, color="black", linewidth=0.6)
+        if kind == "dependence":  # what ordinary samples would show
+            ax.axhline(1 - LEVEL, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_xticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_xlabel("layer")
+        ylabel, title = PANEL_TEXT[kind]
+        ax.set_ylabel(ylabel)
+        ax.set_title(title.format(n=n), fontsize=10)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "layer_attribution.png", dpi=110)
     plt.close(fig)

@@ -36,13 +36,14 @@ STAGES = [
           INFLUENCE_KEYS + ("influence.query_batch_size", "influence.aggregate",
                             "influence.similarity", "influence.query_rank",
                             "influence.query_grouping", "influence.attribution_top_k",
+                            "influence.attribution_contrast",
                             "influence.query_parts", "influence.opening_tokens",
                             "influence.opening_outside_judged", "influence.expand_top_k",
                             "judge.kind", "judge.patterns", "judge.demo"),
           "influence",
           # 5: queries in parts (issue #17); 6: no opening outside the judged text; 7: the
-          # second hop
-          version="7"),
+          # second hop; 8: the top rows' dependence on each sublayer (unit_dependence)
+          version="8"),
     Stage("select", select.run, ("prepare", "score"),
           ("influence.alpha", "influence.max_fraction", "influence.pair_power", "seed"),
           "scores"),
@@ -54,5 +55,6 @@ STAGES = [
           version="4"),  # 3: over-refusal and relearning (issue #15); 4: judged_sets
     Stage("report", report.run, ("prepare", "select", "evaluate"), ("judge",), "report",
           artifacts=(".",), reads=judge_reads,
-          version="4"),  # 3: per-sublayer attribution (issue #17); 4: the judged column
+          # 3: per-sublayer attribution (issue #17); 4: the judged column; 5: the dependence
+          version="5"),
 ]
