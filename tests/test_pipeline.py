@@ -58,6 +58,11 @@ def test_outputs_follow_the_contract(first_run):
     shares = scores.column("unit_shares").to_pylist()[:100]  # in rank order
     assert None not in shares and scores.column("unit_shares").null_count == len(ids) - 100
     assert all(abs(sum(s) - 1) < 1e-4 for s in shares)
+    # ... and their dependence on each sublayer, as percentiles among 256 other rows
+    assert units_of(scores.schema, "unit_dependence") == units_of(scores.schema)
+    dependence = scores.column("unit_dependence").to_pylist()[:100]
+    assert scores.column("unit_dependence").null_count == len(ids) - 100
+    assert all(len(d) == 4 and all(0 <= v <= 1 for v in d) for d in dependence)
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out / "ibo" / "model")
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
@@ -77,7 +82,8 @@ def test_outputs_follow_the_contract(first_run):
     assert "| rank |" in top and "| judged |" in top
     first = next(line for line in top.splitlines() if line.startswith("| 1 |"))
     assert "| yes |" in first  # the demo's top driver says the harmful thing itself
-    assert (out / "report" / "layer_attribution.csv").read_text().startswith("layer,attn,mlp\n")
+    assert (out / "report" / "layer_attribution.csv").read_text().startswith(
+        "layer,attn,mlp,attn_reliance,mlp_reliance\n")
     # every query in parts: its whole response, the demo judge's match, its opening tokens
     found = re.search(r"score: (\d+) queries in (\d+) query batches \(influence.query_parts="
                       r"\['response', 'judged', 'opening'\]", proc.stderr)  # the run's log

@@ -139,7 +139,8 @@ def _attribution(ctx: StageContext, spec, queries, cluster, work: Path):
     def rescore(rows, contrast, scales):
         connect(cluster)
         features = features_in(work, spec, queries, _factors(ctx, spec), cluster)
-        against = f", and their dependence against {contrast.num_rows} others" if contrast else ""
+        against = (f", and their dependence against {contrast.num_rows} others"
+                   if contrast is not None else "")
         ctx.log(f"score: attributing the top {rows.num_rows} rows to their units{against}")
         found = wait_for_attribution(attribute_on_worker(spec, features, rows, contrast,
                                                          scales, how, cluster))

@@ -193,8 +193,8 @@ def _attribution_csv(panels, parts: list[str], out) -> None:
 PANEL_TEXT = {
     "attribution": ("mean share of the score", "Top {n} samples: share of each score per "
                     "sublayer (influence)"),
-    "dependence": ("share of the samples", "Top {n} samples relying on a sublayer (ablated, "
-                   "they lose more than 95% of ordinary samples)")}
+    "dependence": ("share losing more than\n95% of ordinary samples",
+                   "Top {n} samples: reliance on each sublayer (ablation)")}
 
 
 def _attribution_plot(panels, parts: list[str], out) -> None:
