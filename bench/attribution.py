@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from bench import gpu
-from bench.recall import batches, query_parts, raw_scores
+from bench.recall import batches, curvature_for, hop_scorer, query_parts
 from bench.scenarios import scenario
 from operators.attribution import contributions, mean_group_shares, unit_shares
-from operators.curvature import FISHER_KINDS, fit_curvature
+from operators.curvature import FISHER_KINDS
 from operators.dependence import dependence, reliance
 from operators.generation import greedy_generate
 from operators.metrics import auprc
@@ -43,7 +43,7 @@ from operators.scores import (
     unit_scores,
     units_for,
 )
-from operators.second_hop import hop_config, raised
+from operators.second_hop import raised
 from operators.units import sublayer_of
 from pipeline.demo.model import TinyModelConfig, build_model, train_model, train_tokenizer
 from pipeline.judge import Judge, JudgeConfig
@@ -130,16 +130,11 @@ def block_shares(model, tok, corpus, queries, setup: Setup, config: InfluenceCon
     parts = query_parts(tok, queries, config, patterns)
     units = units_for(model, config)
     data = batches(tok, corpus.train)
-    curvature = fit_curvature(model, units, data, corrected=True, fisher=config.fisher,
-                              damping=config.damping, logodds_cap=config.logodds_cap)
+    curvature = curvature_for(model, units, data, config)
     features = precondition_queries(model, units, batches(tok, parts), config, curvature)
     per_unit = torch.cat([unit_scores(model, units, b, features, config) for b in data])
     raw = per_unit.sum(-1)
-
-    def sources(positions):
-        rows = [dict(corpus.train[i], id=f"hop{i}") for i in positions]
-        return raw_scores(model, tok, units, data, rows, hop_config(config), curvature)
-
+    sources = hop_scorer(model, tok, units, data, corpus.train, config, curvature)
     score = raised(aggregate(raw, "max"), config.expand_top_k, sources)
     labels = [r["planted"] for r in corpus.train]
     top = score.argsort(descending=True)[:setup.top_k]

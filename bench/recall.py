@@ -65,7 +65,7 @@ def score(model, tok, train_rows, queries, config: InfluenceConfig, train_on_pro
     units = units_for(model, config)
     data = batches(tok, train_rows, train_on_prompt=train_on_prompt)
     began = time.perf_counter()
-    curv = _curvature(model, units, data, config, seed)
+    curv = curvature_for(model, units, data, config, seed)
     fitted = time.perf_counter()
     raw = raw_scores(model, tok, units, data, queries, config, curv, patterns)
     return raw, fitted - began, time.perf_counter() - fitted
@@ -78,16 +78,23 @@ def ranked(model, tok, train_rows, queries, config: InfluenceConfig, train_on_pr
     the score stage, operators/second_hop.py); the curvature is fitted once for both."""
     units = units_for(model, config)
     data = batches(tok, train_rows, train_on_prompt=train_on_prompt)
-    curv = _curvature(model, units, data, config, seed)
+    curv = curvature_for(model, units, data, config, seed)
     raw = raw_scores(model, tok, units, data, queries, config, curv, patterns)
+    sources = hop_scorer(model, tok, units, data, train_rows, config, curv)
+    return raised(aggregate(raw, how), config.expand_top_k, sources), raw
+
+
+def hop_scorer(model, tok, units, data, train_rows, config: InfluenceConfig, curv):
+    """``operators.second_hop.raised``'s ``score_sources``: the rows of ``data`` against the
+    rows of ``train_rows`` at the given positions, each a query of its own (``hop_config``)."""
     def score_sources(positions):
         rows = [dict(train_rows[i], id=f"hop{i}") for i in positions]
         return raw_scores(model, tok, units, data, rows, hop_config(config), curv)
+    return score_sources
 
-    return raised(aggregate(raw, how), config.expand_top_k, score_sources), raw
 
-
-def _curvature(model, units, data, config: InfluenceConfig, seed: int):
+def curvature_for(model, units, data, config: InfluenceConfig, seed: int = 0):
+    """The curvature ``config``'s method scores with (None for a method without one)."""
     if not config.uses_curvature:
         return None
     return fit_curvature(model, units, data, corrected=config.kind.eigen_correction,

@@ -85,16 +85,15 @@ def attribute(spec: ScoreSpec, features: dict[str, torch.Tensor], rows: pa.Table
     model, tokenizer, units = model_and_units(spec, device)
     features = {k: v.to(device) for k, v in features.items()}
     scales_t = torch.from_numpy(np.asarray(scales, dtype=np.float64))
+    top = _batches(rows, tokenizer, spec, batch_size, device)
     terms = [contributions(unit_scores(model, units, batch, features, spec.influence).cpu(),
-                           how, scales_t)
-             for batch in _batches(rows, tokenizer, spec, batch_size, device)]
+                           how, scales_t) for batch in top]
     names = [u.name for u in units]
     if contrast is None or not contrast.num_rows:
         return Attribution(names, torch.cat(terms).numpy(), [], None)
     try:
         sublayers, percentiles = dependence(
-            model, _batches(rows, tokenizer, spec, batch_size, device),
-            _batches(contrast, tokenizer, spec, batch_size, device))
+            model, top, _batches(contrast, tokenizer, spec, batch_size, device))
     except UnsupportedModelError as e:  # e.g. ekfac on blocks without a known MLP child
         return Attribution(names, torch.cat(terms).numpy(), [], None, f"no dependence: {e}")
     return Attribution(names, torch.cat(terms).numpy(), sublayers, percentiles.cpu().numpy())

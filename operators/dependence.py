@@ -59,7 +59,7 @@ def _first(output):
 def output_means(model: nn.Module, modules: list[nn.Module], batches: list[dict[str, Tensor]]
                  ) -> list[Tensor]:
     """Each module's mean first output over the real (unpadded) tokens of ``batches``: ``[d]``
-    per module, in the output's dtype."""
+    per module, float64 (``ablated`` casts it to the output's dtype)."""
     sums: list[Tensor | None] = [None] * len(modules)
     mask: list[Tensor] = []
 
@@ -81,11 +81,7 @@ def output_means(model: nn.Module, modules: list[nn.Module], batches: list[dict[
     finally:
         for h in handles:
             h.remove()
-    return [(s / max(count, 1)).to(_first_dtype(model)) for s in sums]
-
-
-def _first_dtype(model: nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype
+    return [s / max(count, 1) for s in sums]
 
 
 @contextmanager

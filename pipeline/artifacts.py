@@ -111,19 +111,21 @@ class Selection(Artifact):
         present = set(pq.ParquetFile(self.scores).schema_arrow.names)
         return pq.read_table(self.scores, columns=[n for n in names if n in present]).to_pydict()
 
-    def unit_shares(self, column: str = UNIT_SHARES) -> tuple[list[str], list[list[float]]]:
+    def unit_shares(self) -> tuple[list[str], list[list[float]]]:
         """(unit names, the attributed rows' shares): the score stage's ``unit_shares`` column
-        (or ``unit_dependence``: sublayer names, percentiles) without its nulls; ``([], [])``
-        when the scores have none."""
+        without its nulls; ``([], [])`` when the scores have none."""
+        return self._per_unit(UNIT_SHARES)
+
+    def unit_dependence(self) -> tuple[list[str], list[list[float]]]:
+        """(sublayer names, the attributed rows' dependence percentiles), as ``unit_shares``."""
+        return self._per_unit(UNIT_DEPENDENCE)
+
+    def _per_unit(self, column: str) -> tuple[list[str], list[list[float]]]:
         names = units_of(pq.ParquetFile(self.scores).schema_arrow, column)
         if not names:
             return [], []
         values = pq.read_table(self.scores, columns=[column]).column(0)
         return names, [row for row in values.to_pylist() if row is not None]
-
-    def unit_dependence(self) -> tuple[list[str], list[list[float]]]:
-        """(sublayer names, the attributed rows' dependence percentiles), as ``unit_shares``."""
-        return self.unit_shares(UNIT_DEPENDENCE)
 
     def rows_at(self, positions: list[int], *names: str) -> dict[int, dict]:
         """Columns ``names`` of the rows at ``positions`` (file order), streamed: the text of
